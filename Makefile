@@ -1,0 +1,47 @@
+# Two commands do everything on a fresh machine:
+#   make run    set up, build, and run the engine
+#   make test   set up, build, run googletest (ctest) and pytest
+# Setup installs Python packages into .venv and Debian packages with apt-get when missing.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BUILD_DIR = build/$(shell $(PY) -c 'import sys; print(sys.implementation.cache_tag)')
+CMAKE_ARGS ?=
+SOURCES := $(shell find csrc include cpp_tests -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: run test build setup system-deps bench clean
+
+run: build
+	$(PY) -m professional_nano_llm
+
+test: build
+	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
+	$(PY) -m pytest -q
+
+bench: build
+	$(PY) benchmarks/bench_engine_host.py
+
+build: $(VENV)/.built
+
+setup: $(VENV)/.deps
+
+# torch is pinned and installed first: a bare "torch" would resolve to a multi-GB CUDA build.
+$(VENV)/.deps: pyproject.toml | system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) "scikit-build-core>=0.10" ninja "cmake>=3.26"
+	touch $@
+
+# --no-build-isolation: compile against the torch in .venv, the one that runs.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]" -C cmake.define.PNL_BUILD_TESTS=ON $(CMAKE_ARGS)
+	touch $@
+
+system-deps:
+	@dpkg -s libgtest-dev libbenchmark-dev >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libgtest-dev libbenchmark-dev; }
+
+clean:
+	rm -rf build $(VENV)/.built

@@ -1,0 +1,31 @@
+// One request's token stream and its place in the KV cache.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "pnl/core/types.h"
+
+namespace pnl::core {
+
+struct Sequence {
+  SeqId id = -1;
+  std::vector<TokenId> token_ids;       // prompt, then generated tokens
+  int32_t num_prompt_tokens = 0;
+  int32_t num_computed_tokens = 0;      // tokens whose KV is in the cache
+  int32_t num_cached_tokens = 0;        // of the prompt, found in the prefix cache at first admission
+  int32_t num_registered_blocks = 0;    // block_table[0, this) are in the prefix cache
+  int32_t num_scheduled_tokens = 0;     // this step's new tokens, 0 when not in the step
+  int32_t num_preemptions = 0;
+  std::vector<BlockId> block_table;
+  StopParams params;
+  SequenceStatus status = SequenceStatus::kWaiting;
+  FinishReason finish_reason = FinishReason::kNone;
+  TokenId stop_token = -1;              // the stop token id that finished it, -1 otherwise
+
+  int32_t size() const { return static_cast<int32_t>(token_ids.size()); }
+  int32_t num_generated_tokens() const { return size() - num_prompt_tokens; }
+  int32_t num_uncomputed_tokens() const { return size() - num_computed_tokens; }
+};
+
+}  // namespace pnl::core

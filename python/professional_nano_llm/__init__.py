@@ -1,0 +1,16 @@
+"""Professional nano-vLLM: a readable, fast LLM inference engine with a C++ core."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import torch  # first: loads libtorch and libc10, which _C links against
+
+from . import _C
+
+if _C.__version__ != __version__ or _C.torch_version != torch.__version__:
+    raise ImportError(
+        f"professional_nano_llm._C was built as version {_C.__version__} against torch "
+        f"{_C.torch_version}, but this is version {__version__} with torch {torch.__version__}; "
+        "rebuild it: pip install --no-build-isolation -e ."
+    )

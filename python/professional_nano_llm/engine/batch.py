@@ -1,0 +1,48 @@
+"""One engine step's model inputs as torch tensors, built from a ScheduleOutput without copies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from professional_nano_llm._C import ScheduleOutput
+
+
+@dataclass(slots=True)
+class Batch:
+    """int32 tensors of one step; sequences with one new token (decodes) come first.
+
+    On the CPU the tensors alias the scheduler's buffers: they are valid until the next
+    ``schedule()``. With ``device`` set, the whole step moves in one copy.
+    """
+
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    slot_mapping: torch.Tensor  # [num_tokens] KV slot = block * block_size + offset
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1]
+    context_lens: torch.Tensor  # [num_seqs] tokens in the cache after this step
+    sample_indices: torch.Tensor  # [num_sampled] token rows whose logits are sampled
+    block_tables: torch.Tensor  # [num_seqs, max_blocks], padded with -1
+    num_decode_seqs: int
+    max_seqlen_q: int
+    max_context_len: int
+
+    @classmethod
+    def from_output(cls, out: ScheduleOutput, device: torch.device | None = None) -> Batch:
+        arena = torch.from_numpy(out.arena)
+        if device is not None and device.type != "cpu":
+            arena = arena.to(device, non_blocking=True)
+        ids, pos, slots, cu, ctx, sample, tables = arena.split(out.field_sizes)
+        return cls(
+            ids,
+            pos,
+            slots,
+            cu,
+            ctx,
+            sample,
+            tables.view(out.num_seqs, out.block_table_width),
+            out.num_decode_seqs,
+            out.max_seqlen_q,
+            out.max_context_len,
+        )
