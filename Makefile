@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILD_DIR = build/$(shell $(PY) -c 'import sys; print(sys.implementation.cache_tag)')
 CMAKE_ARGS ?=
-SOURCES := $(shell find csrc include cpp_tests -type f) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find csrc include cpp_tests benchmarks/cpp -type f) CMakeLists.txt pyproject.toml
 
 .PHONY: run test build setup system-deps bench clean
 
@@ -22,6 +22,7 @@ test: build
 	$(PY) -m pytest -q
 
 bench: build
+	$(BUILD_DIR)/bench_scheduler
 	$(PY) benchmarks/bench_engine_host.py
 
 build: $(VENV)/.built
@@ -36,7 +37,8 @@ $(VENV)/.deps: pyproject.toml | system-deps
 
 # --no-build-isolation: compile against the torch in .venv, the one that runs.
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]" -C cmake.define.PNL_BUILD_TESTS=ON $(CMAKE_ARGS)
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]" \
+		-C cmake.define.PNL_BUILD_TESTS=ON -C cmake.define.PNL_BUILD_BENCHMARKS=ON $(CMAKE_ARGS)
 	touch $@
 
 system-deps:

@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
+#include <string>
+
 #include "pnl/core/block_allocator.h"
 #include "pnl/core/scheduler.h"
 
@@ -12,7 +15,27 @@ using namespace pnl::core;
 
 namespace {
 
-using TokenArray = py::array_t<TokenId, py::array::c_style | py::array::forcecast>;
+/// Token ids from a list, a numpy array or a torch tensor, checked before narrowing to int32: a
+/// float array or an id past int32 is an error, never a silently different token.
+std::vector<TokenId> token_ids(py::handle obj, const char* what) {
+  py::array array = py::array::ensure(obj);
+  if (!array) throw py::type_error(std::string(what) + " must be a sequence of integer token ids");
+  const char kind = array.dtype().kind();
+  if (array.size() > 0 && kind != 'i' && kind != 'u') {
+    throw py::type_error(std::string(what) + " must hold integer token ids, got dtype " +
+                         py::str(array.dtype()).cast<std::string>());
+  }
+  auto ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(array);
+  std::vector<TokenId> out(ids.size());
+  const int64_t* data = ids.data();
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (data[i] < 0 || data[i] > std::numeric_limits<TokenId>::max()) {
+      throw py::value_error(std::string(what) + " must be in [0, 2^31), got " + std::to_string(data[i]));
+    }
+    out[i] = static_cast<TokenId>(data[i]);
+  }
+  return out;
+}
 
 template <typename T>
 py::array view(const T* data, int64_t size, py::handle owner) {
@@ -94,17 +117,21 @@ void bind_engine(py::module_& m) {
       .def("release", &BlockAllocator::release, py::arg("block"))
       .def("acquire", &BlockAllocator::acquire, py::arg("block"))
       .def("match_prefix",
-           [](const BlockAllocator& a, TokenArray tokens, int32_t max_blocks) {
+           [](const BlockAllocator& a, py::handle tokens, int32_t max_blocks) {
+             std::vector<TokenId> ids = token_ids(tokens, "tokens");
              std::vector<BlockId> out;
-             a.match_prefix(tokens.data(), static_cast<int32_t>(tokens.size()), max_blocks, out);
+             a.match_prefix(ids.data(), static_cast<int32_t>(ids.size()), max_blocks, out);
              return out;
            },
            py::arg("tokens"), py::arg("max_blocks") = 1 << 30,
            "Cached blocks matching the full blocks at the start of tokens (not acquired).")
       .def("cache_full_block",
-           [](BlockAllocator& a, BlockId block, BlockId parent, TokenArray tokens) {
-             if (tokens.size() != a.block_size()) throw py::value_error("tokens must hold exactly block_size ids");
-             a.cache_full_block(block, parent, tokens.data());
+           [](BlockAllocator& a, BlockId block, BlockId parent, py::handle tokens) {
+             std::vector<TokenId> ids = token_ids(tokens, "tokens");
+             if (static_cast<int32_t>(ids.size()) != a.block_size()) {
+               throw py::value_error("tokens must hold exactly block_size ids");
+             }
+             a.cache_full_block(block, parent, ids.data());
            },
            py::arg("block"), py::arg("parent"), py::arg("tokens"));
 
@@ -121,7 +148,7 @@ void bind_engine(py::module_& m) {
   py::class_<FinishedSequence>(m, "FinishedSequence")
       .def_readonly("id", &FinishedSequence::id)
       .def_property_readonly("reason", [](const FinishedSequence& f) { return to_string(f.reason); },
-                             "'stop', 'length' or 'abort'")
+                             "'stop' or 'length'")
       .def_property_readonly("stop_token", [](const FinishedSequence& f) -> py::object {
         if (f.stop_token < 0) return py::none();
         return py::int_(f.stop_token);
@@ -184,16 +211,19 @@ void bind_engine(py::module_& m) {
   py::class_<Scheduler>(m, "Scheduler",
                         "Continuous-batching scheduler: schedule() -> run the model -> postprocess(tokens).")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
-      .def("add", [](Scheduler& s, std::vector<TokenId> prompt, const StopParams& params) {
-        return s.add(std::move(prompt), params);
+      .def("add", [](Scheduler& s, py::handle prompt, const StopParams& params) {
+        return s.add(token_ids(prompt, "prompt"), params);
       }, py::arg("prompt"), py::arg("params") = StopParams{},
          "Queues a prompt (token ids) and returns its sequence id; ValueError if it can never run.")
       .def("abort", &Scheduler::abort, py::arg("seq_id"),
            "Finishes a sequence now and frees its blocks; False for an unknown or finished id.")
       .def("schedule", &Scheduler::schedule, py::return_value_policy::reference_internal)
-      .def("postprocess", [](Scheduler& s, TokenArray sampled) {
-        return s.postprocess(sampled.data(), sampled.size());
-      }, py::arg("sampled"), "One token per sampled sequence, in ScheduleOutput order; returns the finished.")
+      .def("postprocess", [](Scheduler& s, py::handle sampled) {
+        std::vector<TokenId> ids = token_ids(sampled, "sampled tokens");
+        return s.postprocess(ids.data(), static_cast<int64_t>(ids.size()));
+      }, py::arg("sampled"),
+         "One token per sampled sequence, in ScheduleOutput order; returns the sequences that finished "
+         "(reason 'stop' or 'length'; abort() reports its own).")
       .def("get_sequence", [](const Scheduler& s, SeqId id) -> py::object {
         const Sequence* seq = s.find(id);
         return seq ? py::cast(*seq) : py::none();

@@ -1,6 +1,7 @@
 #include "pnl/core/block_allocator.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 
 namespace pnl::core {
@@ -15,6 +16,9 @@ BlockAllocator::BlockAllocator(int32_t num_blocks, int32_t block_size, bool enab
   if (block_size < 8 || block_size > 256 || (block_size & (block_size - 1)) != 0) {
     throw InvalidArgument("block_size must be a power of two from 8 to 256, got " +
                           std::to_string(block_size));
+  }
+  if (static_cast<int64_t>(num_blocks) * block_size > std::numeric_limits<int32_t>::max()) {
+    throw InvalidArgument("num_blocks * block_size must fit in int32 (KV slots are int32)");
   }
   if (hasher == nullptr) throw InvalidArgument("hasher must not be null");
   ref_count_.assign(num_blocks, 0);
@@ -176,6 +180,7 @@ void BlockAllocator::cache_full_block(BlockId block, BlockId parent, const Token
 }
 
 void BlockAllocator::record_prefix_query(int64_t num_tokens, int64_t num_hit_tokens) {
+  if (!enable_prefix_caching_) return;
   prefix_queries_ += num_tokens;
   prefix_hits_ += num_hit_tokens;
 }

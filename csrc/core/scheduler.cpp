@@ -38,10 +38,14 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockHasher hasher)
     : config_(validated(config)),
       allocator_(config.num_blocks, config.block_size, config.enable_prefix_caching, hasher) {
   // Size the arena once for the largest step, so views handed out never dangle.
-  int64_t max_seqs = std::min(config_.max_num_seqs, config_.max_num_batched_tokens);
-  int64_t max_tokens = config_.max_num_batched_tokens;
-  int64_t max_width = blocks_for(config_.max_model_len);
-  output_.arena.assign(3 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_width, 0);
+  const int64_t max_seqs = std::min(config_.max_num_seqs, config_.max_num_batched_tokens);
+  const int64_t max_tokens = config_.max_num_batched_tokens;
+  const int64_t max_width = std::min(blocks_for(config_.max_model_len), config_.num_blocks);
+  const int64_t arena_size = 3 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_width;
+  require(arena_size <= (int64_t{1} << 30),
+          "a step could need " + std::to_string(arena_size) + " int32 entries (max_num_seqs x blocks per sequence "
+          "+ token budget); lower max_num_seqs, max_model_len or max_num_batched_tokens");
+  output_.arena.assign(arena_size, 0);
   output_.seq_ids.reserve(max_seqs);
   output_.sampled_seq_ids.reserve(max_seqs);
   scheduled_.reserve(max_seqs);
