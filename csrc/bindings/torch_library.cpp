@@ -1,5 +1,31 @@
 // Every schema of the torch.ops.pnl namespace is declared here, in one place. The CPU and CUDA
 // implementations register themselves from their own files with TORCH_LIBRARY_IMPL(pnl, ...).
+// Shapes: T = tokens, S = sequences, H = query heads, Hkv = KV heads, D = head_dim.
 #include <torch/library.h>
 
-TORCH_LIBRARY(pnl, m) {}
+TORCH_LIBRARY(pnl, m) {
+  // key, value [T, Hkv, D] -> k_cache, v_cache [num_blocks, block_size, Hkv, D] at slot_mapping [T]
+  // (int32; slot -1 is skipped).
+  m.def("store_kv_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> ()");
+  // Causal attention of each sequence's new tokens over its whole paged context. query, out
+  // [T, H, D]; cu_seqlens_q [S + 1]; context_lens [S]; block_tables [S, max_blocks] (all int32).
+  // The new tokens of sequence s are the last cu_seqlens_q[s+1] - cu_seqlens_q[s] of its
+  // context_lens[s] tokens, whose KV must already be stored.
+  m.def("paged_attention_prefill(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
+        "Tensor cu_seqlens_q, Tensor context_lens, Tensor block_tables, float scale) -> ()");
+  // One query token per sequence over its paged context. query, out [S, H, D].
+  m.def("paged_attention_decode(Tensor(a!) out, Tensor query, Tensor k_cache, Tensor v_cache, "
+        "Tensor context_lens, Tensor block_tables, float scale) -> ()");
+  // out = input / sqrt(mean(input^2) + eps) * weight over the last dim. input, out [..., hidden].
+  m.def("rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float eps) -> ()");
+  // residual += input; input = rms_norm(residual) * weight, in one pass. input, residual [T, hidden].
+  m.def("fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float eps) -> ()");
+  // Neox-style rotary embedding, in place. positions [T] (int32 or int64); query [T, H * D] or
+  // [T, H, D]; key [T, Hkv * D] or [T, Hkv, D]; cos_sin_cache [max_position, rot_dim] holds cos in
+  // its first half and sin in its second; the first rot_dim dims of each head rotate.
+  m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache, "
+        "int head_size) -> ()");
+  // out = silu(input[..., :d]) * input[..., d:]. input [..., 2 * d], out [..., d].
+  m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+}

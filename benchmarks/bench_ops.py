@@ -1,0 +1,199 @@
+"""Per-op timings of the pnl kernels against their pure-torch references, at SmolLM2-135M shapes.
+
+    python benchmarks/bench_ops.py [--device cpu] [--dtype bfloat16 float32] [--repeat 20] [--quick]
+
+Shapes: hidden 576, 9 query heads and 3 KV heads of 64 dims, MLP 1536, KV blocks of 16 tokens.
+Decode attention is 32 sequences of 512 context tokens; prefill attention is one prompt of 256
+tokens (and 64 and 1024 against SDPA only); the other ops run on 32 (decode) and 256 (prefill)
+tokens. The baseline is ops.ref (the test oracle); attention is also timed against torch's
+scaled_dot_product_attention on K/V already gathered out of the cache, which is the best case for
+torch. Each time is the median of --repeat runs, in µs; ratio = baseline / ours (> 1: ours is
+faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from professional_nano_llm import ops
+from professional_nano_llm.ops import ref
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, BLOCK = 576, 9, 3, 64, 1536, 16
+DECODE_SEQS, DECODE_CONTEXT, PREFILL_TOKENS = 32, 512, 256
+SCALE = HEAD_DIM**-0.5
+
+
+class Case(NamedTuple):
+    op: str
+    shape: str
+    ours: Callable[[], object]
+    baseline_name: str
+    baseline: Callable[[], object]
+
+
+def median_us(fn, repeat: int, device: str) -> float:
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def paged_inputs(num_seqs, context, q_tokens, dtype, device):
+    """Random caches holding num_seqs contexts in shuffled blocks, and the new tokens' queries."""
+    blocks_per_seq = -(-context // BLOCK)
+    num_blocks = num_seqs * blocks_per_seq
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device=device).view(num_seqs, blocks_per_seq).int()
+    lens = torch.full((num_seqs,), context, dtype=torch.int32, device=device)
+    query = torch.randn(q_tokens, HEADS, HEAD_DIM, dtype=dtype, device=device)
+    return query, k_cache, v_cache, lens, tables
+
+
+def gathered(cache, tables, context):
+    """[S, Hkv, context, D] K or V of every sequence, out of the paged cache."""
+    seqs = [ref.gather_context(cache, table, context) for table in tables]
+    return torch.stack(seqs).transpose(1, 2).contiguous()
+
+
+def decode_cases(dtype, device):
+    q, kc, vc, lens, tables = paged_inputs(DECODE_SEQS, DECODE_CONTEXT, DECODE_SEQS, dtype, device)
+    o = torch.empty_like(q)
+    k, v = gathered(kc, tables, DECODE_CONTEXT), gathered(vc, tables, DECODE_CONTEXT)
+    q_sdpa = q[:, :, None, :]  # [S, H, 1, D]
+    shape = f"S={DECODE_SEQS} ctx={DECODE_CONTEXT}"
+
+    def ours():
+        ops.paged_attention_decode(o, q, kc, vc, lens, tables, SCALE)
+
+    def ref_decode():
+        return ref.paged_attention_decode(q, kc, vc, lens, tables, SCALE)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q_sdpa, k, v, scale=SCALE, enable_gqa=True)
+
+    op = "paged_attention_decode"
+    return [Case(op, shape, ours, "ref", ref_decode), Case(op, shape, ours, "sdpa", sdpa)]
+
+
+def prefill_cases(tokens, dtype, device, with_ref):
+    q, kc, vc, lens, tables = paged_inputs(1, tokens, tokens, dtype, device)
+    o = torch.empty_like(q)
+    cu = torch.tensor([0, tokens], dtype=torch.int32, device=device)
+    k, v = gathered(kc, tables, tokens), gathered(vc, tables, tokens)
+    q_sdpa = q.transpose(0, 1)[None]  # [1, H, T, D]
+
+    def ours():
+        ops.paged_attention_prefill(o, q, kc, vc, cu, lens, tables, SCALE)
+
+    def ref_prefill():
+        return ref.paged_attention_prefill(q, kc, vc, cu, lens, tables, SCALE)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(
+            q_sdpa, k, v, is_causal=True, scale=SCALE, enable_gqa=True
+        )
+
+    op, shape = "paged_attention_prefill", f"T={tokens}"
+    cases = [Case(op, shape, ours, "ref", ref_prefill)] if with_ref else []
+    return cases + [Case(op, shape, ours, "sdpa", sdpa)]
+
+
+def token_cases(tokens, dtype, device):
+    """store_kv_cache, rotary_embedding, the norms and silu_and_mul on `tokens` tokens."""
+    # K and V (and q) as the model passes them: slices of one fused qkv output.
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=dtype, device=device)
+    query = qkv[:, : HEADS * HEAD_DIM]
+    key = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    value = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(tokens, KV_HEADS, HEAD_DIM)
+    kc = torch.zeros(-(-tokens // BLOCK) * 4, BLOCK, KV_HEADS, HEAD_DIM, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(kc.shape[0] * BLOCK, device=device)[:tokens].int()
+
+    positions = torch.randint(0, 2048, (tokens,), device=device)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2, device=device).float() / HEAD_DIM))
+    freqs = torch.outer(torch.arange(2048, device=device).float(), inv_freq)
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+
+    x = torch.randn(tokens, HIDDEN, dtype=dtype, device=device)
+    residual = torch.randn_like(x)
+    weight = torch.randn(HIDDEN, dtype=dtype, device=device)
+    y = torch.empty_like(x)
+    gate_up = torch.randn(tokens, 2 * MLP, dtype=dtype, device=device)
+    act = torch.empty(tokens, MLP, dtype=dtype, device=device)
+
+    t, th = f"T={tokens}", f"T={tokens} hidden={HIDDEN}"
+    pos, cs, D = positions, cos_sin, HEAD_DIM
+    return [
+        Case("store_kv_cache", t, lambda: ops.store_kv_cache(key, value, kc, vc, slots),
+             "ref", lambda: ref.store_kv_cache(key, value, kc, vc, slots)),
+        Case("rotary_embedding", t, lambda: ops.rotary_embedding(pos, query, key, cs, D),
+             "ref", lambda: ref.rotary_embedding(pos, query, key, cs, D)),
+        Case("rms_norm", th, lambda: ops.rms_norm(y, x, weight, 1e-5),
+             "ref", lambda: ref.rms_norm(x, weight, 1e-5)),
+        Case("fused_add_rms_norm", th, lambda: ops.fused_add_rms_norm(x, residual, weight, 1e-5),
+             "ref", lambda: ref.fused_add_rms_norm(x, residual, weight, 1e-5)),
+        Case("silu_and_mul", f"T={tokens} d={MLP}", lambda: ops.silu_and_mul(act, gate_up),
+             "ref", lambda: ref.silu_and_mul(gate_up)),
+    ]  # fmt: skip
+
+
+def cases(dtype, device):
+    return (
+        decode_cases(dtype, device)
+        + prefill_cases(PREFILL_TOKENS, dtype, device, with_ref=True)
+        + prefill_cases(64, dtype, device, with_ref=False)
+        + prefill_cases(1024, dtype, device, with_ref=False)
+        + token_cases(DECODE_SEQS, dtype, device)
+        + token_cases(PREFILL_TOKENS, dtype, device)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="5 runs per op")
+    args = parser.parse_args()
+    repeat = 5 if args.quick else args.repeat
+    torch.manual_seed(0)
+    threads = torch.get_num_threads() if args.device == "cpu" else "-"
+    print(f"device {args.device}, {threads} threads, median of {repeat} runs")
+    header = (
+        f"{'op':<24} {'shape':<22} {'dtype':<9} {'ours µs':>9} {'baseline':>8} {'base µs':>10} "
+        f"{'ratio':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name in args.dtype:
+        dtype = getattr(torch, name)
+        for case in cases(dtype, args.device):
+            ours = median_us(case.ours, repeat, args.device)
+            base = median_us(case.baseline, repeat, args.device)
+            print(
+                f"{case.op:<24} {case.shape:<22} {name:<9} {ours:>9.1f} {case.baseline_name:>8} "
+                f"{base:>10.1f} {base / ours:>6.2f}x"
+            )
+
+
+if __name__ == "__main__":
+    main()

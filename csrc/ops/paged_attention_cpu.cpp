@@ -1,0 +1,251 @@
+// CPU adapters of paged_attention_prefill and paged_attention_decode: checks, dtype dispatch, and
+// the work split. Work items are (sequence, KV head, query tile) for prefill and (sequence, KV
+// head, context partition) for decode; they are handed out costliest first to the threads of
+// at::parallel_for, one at a time, so a long causal tile never finishes alone at the end.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "ops/checks.h"
+#include "pnl/kernels/cpu/paged_attention.h"
+
+namespace pnl::ops {
+namespace {
+
+/// Keys per decode partition: a sequence longer than this is split, and the parts merged.
+constexpr int64_t kDecodePartition = 256;
+
+struct AttentionShape {
+  int64_t num_heads, head_dim, num_kv_heads, num_blocks, block_size, max_blocks;
+};
+
+struct WorkItem {
+  int64_t seq, kv_head, begin, end;  // prefill: query tokens [begin, end); decode: keys [begin, end)
+  int64_t cost;                      // query rows x keys, to order the items
+};
+
+/// Checks the arguments both attention ops share. out, query [N, H, D]; caches [num_blocks,
+/// block_size, Hkv, D]; context_lens [S]; block_tables [S, max_blocks].
+AttentionShape check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& context_lens,
+                               const at::Tensor& block_tables) {
+  check_rows(query, "query");
+  check_rows(out, "out");
+  TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got shape ", query.sizes());
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have query's shape ", query.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
+  check_same(out, "out", query, "query");
+  check_same(k_cache, "k_cache", query, "query");
+  check_same(v_cache, "v_cache", query, "query");
+  const AttentionShape shape{query.size(1),   query.size(2),   k_cache.size(2),
+                             k_cache.size(0), k_cache.size(1), block_tables.dim() == 2 ? block_tables.size(1) : 0};
+  TORCH_CHECK(k_cache.size(3) == shape.head_dim, "k_cache head_dim ", k_cache.size(3), " differs from query's ",
+              shape.head_dim);
+  TORCH_CHECK(shape.num_kv_heads > 0 && shape.num_heads % shape.num_kv_heads == 0, "num_heads ", shape.num_heads,
+              " must be a multiple of num_kv_heads ", shape.num_kv_heads);
+  check_index(context_lens, "context_lens", 1);
+  check_index(block_tables, "block_tables", 2);
+  check_device(context_lens, "context_lens", query, "query");
+  check_device(block_tables, "block_tables", query, "query");
+  TORCH_CHECK(block_tables.size(0) == context_lens.size(0), "block_tables must have one row per sequence (",
+              context_lens.size(0), "), got shape ", block_tables.sizes());
+
+  // Every block a context reaches must exist: a bad table is an error, not a read out of bounds.
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  for (int64_t s = 0; s < context_lens.size(0); ++s) {
+    TORCH_CHECK(lens[s] >= 0 && lens[s] <= shape.max_blocks * shape.block_size, "context_lens[", s, "] = ", lens[s],
+                " does not fit block_tables' ", shape.max_blocks, " blocks of ", shape.block_size, " tokens");
+    for (int64_t b = 0; b < (lens[s] + shape.block_size - 1) / shape.block_size; ++b) {
+      const int32_t block = tables[s * shape.max_blocks + b];
+      TORCH_CHECK(block >= 0 && block < shape.num_blocks, "block_tables[", s, "][", b, "] = ", block,
+                  " is out of range [0, ", shape.num_blocks, ")");
+    }
+  }
+  return shape;
+}
+
+/// Runs fn(state, items[i]) for every item on at::parallel_for's threads, handing the items out in
+/// order (costliest first); make_state() builds each thread's scratch once.
+template <typename MakeState, typename Fn>
+void run_work_items(std::vector<WorkItem>& items, const MakeState& make_state, const Fn& fn) {
+  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_items);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto state = make_state();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < num_items;
+         i = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(state, items[i]);
+    }
+  });
+}
+
+template <typename T>
+kernels::cpu::PagedKv<T> paged_kv(const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const AttentionShape& shape, int64_t seq,
+                                  int64_t kv_head) {
+  return {k_cache.data_ptr<T>(),
+          v_cache.data_ptr<T>(),
+          block_tables.data_ptr<int32_t>() + seq * shape.max_blocks,
+          shape.block_size,
+          shape.num_kv_heads,
+          shape.head_dim,
+          kv_head};
+}
+
+/// The decode work items on tiles of W rows side by side, then the merge of split sequences.
+template <typename T, int W>
+void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& context_lens, const at::Tensor& block_tables, const AttentionShape& shape,
+            std::vector<WorkItem>& items, int64_t max_parts, double scale) {
+  using Acc = kernels::cpu::acc_t<T>;
+  using Tile = kernels::cpu::AttentionTile<Acc, W>;
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const T* q = query.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  const int64_t num_seqs = context_lens.size(0), num_heads = shape.num_heads, head_dim = shape.head_dim;
+  const int64_t group = num_heads / shape.num_kv_heads;
+  // Partial results of split sequences: [S, H, max_parts] maxima and sums, [S, H, max_parts, D] outputs.
+  std::vector<Acc> part_max, part_sum, part_out;
+  if (max_parts > 1) {
+    part_max.resize(num_seqs * num_heads * max_parts);
+    part_sum.resize(part_max.size());
+    part_out.resize(part_max.size() * head_dim);
+  }
+  run_work_items(
+      items, [&] { return Tile(group, head_dim); },
+      [&](Tile& tile, const WorkItem& item) {
+        const int64_t s = item.seq;
+        kernels::cpu::paged_attention_decode_partition(
+            tile, q + s * query.stride(0), query.stride(1),
+            paged_kv<T>(k_cache, v_cache, block_tables, shape, s, item.kv_head), group, lens[s], item.begin,
+            item.end, static_cast<Acc>(scale));
+        const bool whole = lens[s] <= kDecodePartition;
+        const int64_t part = item.begin / kDecodePartition;
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = item.kv_head * group + g;
+          if (whole) {
+            tile.store_row(g, o + s * out.stride(0) + h * out.stride(1));
+            continue;
+          }
+          const int64_t p = (s * num_heads + h) * max_parts + part;
+          part_max[p] = tile.row_max(g);
+          part_sum[p] = tile.row_sum(g);
+          std::copy(tile.row_out(g), tile.row_out(g) + head_dim, part_out.begin() + p * head_dim);
+        }
+      });
+  if (max_parts == 1) return;
+  at::parallel_for(0, num_seqs * num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Acc> scratch(head_dim);
+    for (int64_t sh = begin; sh < end; ++sh) {
+      const int64_t s = sh / num_heads, h = sh % num_heads;
+      if (lens[s] <= kDecodePartition) continue;  // written directly
+      const int64_t p = sh * max_parts;
+      kernels::cpu::merge_partitions(o + s * out.stride(0) + h * out.stride(1), part_max.data() + p,
+                                     part_sum.data() + p, part_out.data() + p * head_dim, scratch.data(),
+                                     (lens[s] + kDecodePartition - 1) / kDecodePartition, head_dim);
+    }
+  });
+}
+
+}  // namespace
+
+// out, query [T, H, D] (rows may be strided); cu_seqlens_q [S + 1]; context_lens [S]; block_tables
+// [S, max_blocks]. Sequence s's new tokens are its last q_len = cu_seqlens_q[s+1] - cu_seqlens_q[s].
+void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                                 const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
+                                 const at::Tensor& context_lens, const at::Tensor& block_tables, double scale) {
+  const AttentionShape shape = check_attention(out, query, k_cache, v_cache, context_lens, block_tables);
+  check_index(cu_seqlens_q, "cu_seqlens_q", 1);
+  check_device(cu_seqlens_q, "cu_seqlens_q", query, "query");
+  const int64_t num_seqs = context_lens.size(0);
+  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must be [num_seqs + 1] = [", num_seqs + 1,
+              "], got shape ", cu_seqlens_q.sizes());
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[num_seqs] == query.size(0), "cu_seqlens_q must run from 0 to num_tokens (",
+              query.size(0), "), got ", cu[0], " to ", cu[num_seqs]);
+
+  const int64_t group = shape.num_heads / shape.num_kv_heads;
+  const int64_t tile_tokens = kernels::cpu::prefill_tokens_per_tile(group, shape.head_dim);
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = cu[s + 1] - cu[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= lens[s], "sequence ", s, " has ", q_len, " new tokens (cu_seqlens_q) but ",
+                "context_lens[", s, "] = ", lens[s], "; the new tokens must be the last of the context");
+    for (int64_t t0 = 0; t0 < q_len; t0 += tile_tokens) {
+      const int64_t t1 = std::min(q_len, t0 + tile_tokens);
+      const int64_t keys = lens[s] - q_len + t1;
+      for (int64_t h = 0; h < shape.num_kv_heads; ++h) items.push_back({s, h, t0, t1, (t1 - t0) * keys});
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_prefill_cpu", [&] {
+    using Acc = kernels::cpu::acc_t<scalar_t>;
+    using Tile = kernels::cpu::AttentionTile<Acc, kernels::cpu::kWideRows>;
+    const scalar_t* q = query.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    run_work_items(
+        items, [&] { return Tile(tile_tokens * group, shape.head_dim); },
+        [&](Tile& tile, const WorkItem& item) {
+          const int64_t start = cu[item.seq];
+          kernels::cpu::paged_attention_prefill_tile(
+              tile, o + start * out.stride(0), out.stride(0), out.stride(1), q + start * query.stride(0),
+              query.stride(0), query.stride(1), paged_kv<scalar_t>(k_cache, v_cache, block_tables, shape, item.seq,
+                                                                   item.kv_head),
+              group, cu[item.seq + 1] - start, lens[item.seq], item.begin, item.end - item.begin,
+              static_cast<Acc>(scale));
+        });
+  });
+}
+
+// out, query [S, H, D] (rows may be strided): one new token per sequence, the last of its
+// context_lens[s] >= 1 tokens; context_lens [S]; block_tables [S, max_blocks].
+void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& context_lens,
+                                const at::Tensor& block_tables, double scale) {
+  const AttentionShape shape = check_attention(out, query, k_cache, v_cache, context_lens, block_tables);
+  const int64_t num_seqs = context_lens.size(0);
+  TORCH_CHECK(query.size(0) == num_seqs, "query must have one token per sequence (", num_seqs, "), got shape ",
+              query.sizes());
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+
+  const int64_t group = shape.num_heads / shape.num_kv_heads;
+  int64_t max_parts = 1;
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(lens[s] >= 1, "context_lens[", s, "] = ", lens[s], ": a decoding sequence has at least one token");
+    max_parts = std::max<int64_t>(max_parts, (lens[s] + kDecodePartition - 1) / kDecodePartition);
+    for (int64_t k0 = 0; k0 < lens[s]; k0 += kDecodePartition) {
+      const int64_t k1 = std::min<int64_t>(lens[s], k0 + kDecodePartition);
+      for (int64_t h = 0; h < shape.num_kv_heads; ++h) items.push_back({s, h, k0, k1, k1 - k0});
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_decode_cpu", [&] {
+    constexpr int kWide = kernels::cpu::kWideRows;
+    if (group <= 8) {  // one GQA group per tile: 8 rows side by side waste fewer lanes than 16
+      decode<scalar_t, 8>(out, query, k_cache, v_cache, context_lens, block_tables, shape, items, max_parts, scale);
+    } else {
+      decode<scalar_t, kWide>(out, query, k_cache, v_cache, context_lens, block_tables, shape, items, max_parts, scale);
+    }
+  });
+}
+
+}  // namespace pnl::ops
+
+TORCH_LIBRARY_IMPL(pnl, CPU, m) {
+  m.impl("paged_attention_prefill", &pnl::ops::paged_attention_prefill_cpu);
+  m.impl("paged_attention_decode", &pnl::ops::paged_attention_decode_cpu);
+}

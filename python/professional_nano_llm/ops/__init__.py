@@ -1,0 +1,72 @@
+"""The fused kernels (torch.ops.pnl.*), with typed wrappers and fake kernels for torch.compile.
+
+Every op writes into tensors the caller owns, so the model allocates nothing per layer. The CPU and
+CUDA implementations share one schema (csrc/bindings/torch_library.cpp); ops.ref holds the
+pure-torch oracles. Index tensors (slot_mapping, cu_seqlens_q, context_lens, block_tables) are int32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from professional_nano_llm import _C  # noqa: F401  (registers torch.ops.pnl)
+
+_ops = torch.ops.pnl
+
+
+def store_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """k_cache.view(-1, Hkv, D)[slot_mapping[t]] = key[t] (and v); slots of -1 are skipped.
+
+    key, value [T, Hkv, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; slot_mapping [T].
+    """
+    _ops.store_kv_cache(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention_prefill(out, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    """out = softmax(q k^T * scale + causal mask) v for each sequence's new tokens over its context.
+
+    query, out [T, H, D]; cu_seqlens_q [S + 1]; context_lens [S]; block_tables [S, max_blocks].
+    Covers plain prefill, chunked prefill and prefix-cache hits; H may be a multiple of Hkv (GQA).
+    """
+    _ops.paged_attention_prefill(out, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+def paged_attention_decode(out, query, k_cache, v_cache, context_lens, block_tables, scale):
+    """One query token per sequence (the last of its context). query, out [S, H, D]."""
+    _ops.paged_attention_decode(out, query, k_cache, v_cache, context_lens, block_tables, scale)
+
+
+def rms_norm(out, x, weight, eps: float) -> None:
+    """out = x / sqrt(mean(x^2, -1) + eps) * weight. x, out [..., hidden]; weight [hidden]."""
+    _ops.rms_norm(out, x, weight, eps)
+
+
+def fused_add_rms_norm(x, residual, weight, eps: float) -> None:
+    """residual += x; x = rms_norm(residual) * weight, in place. x, residual [T, hidden]."""
+    _ops.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(positions, query, key, cos_sin_cache, head_size: int) -> None:
+    """Neox rotary embedding in place: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per head.
+
+    positions [T]; query [T, H * D]; key [T, Hkv * D]; cos_sin_cache [max_position, rot_dim].
+    """
+    _ops.rotary_embedding(positions, query, key, cos_sin_cache, head_size)
+
+
+def silu_and_mul(out, x) -> None:
+    """out = silu(x[..., :d]) * x[..., d:]. x [..., 2 * d]; out [..., d]."""
+    _ops.silu_and_mul(out, x)
+
+
+# Fake kernels: every op only mutates its arguments, so tracing needs no output shapes.
+for _name in (
+    "store_kv_cache",
+    "paged_attention_prefill",
+    "paged_attention_decode",
+    "rms_norm",
+    "fused_add_rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+):
+    torch.library.register_fake(f"pnl::{_name}")(lambda *args, **kwargs: None)

@@ -1,0 +1,103 @@
+"""Pure-torch references of every pnl op: the test oracle, written for clarity, not speed.
+
+Each one is functional (returns new tensors) and computes in float32, or in the input dtype when
+that is float64, so tests can also run them in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def store_kv_cache(key, value, k_cache, v_cache, slot_mapping):
+    """Returns copies of the caches with key/value [T, Hkv, D] written at slot_mapping [T] (-1 skipped)."""
+    k_out, v_out = k_cache.clone(), v_cache.clone()
+    num_blocks, block_size = k_cache.shape[:2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_out.view(num_blocks * block_size, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
+    v_out.view(num_blocks * block_size, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    return k_out, v_out
+
+
+def gather_context(cache, block_table, context_len):
+    """[num_blocks, block_size, Hkv, D] cache -> [context_len, Hkv, D] tokens of one sequence."""
+    block_size = cache.shape[1]
+    num_blocks = -(-context_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:context_len]
+
+
+def attention(q, k, v, scale, first_query_position):
+    """Causal attention of q [Tq, H, D] (at positions first_query_position..) over k, v [Tk, Hkv, D]."""
+    q, k, v = _acc(q), _acc(k), _acc(v)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    q_pos = first_query_position + torch.arange(q.shape[0], device=q.device)
+    k_pos = torch.arange(k.shape[0], device=q.device)
+    scores = scores.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
+
+
+def paged_attention_prefill(query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale):
+    """query [T, H, D] -> [T, H, D]: each sequence's new tokens attend causally to its context."""
+    out = torch.empty_like(query, dtype=_acc(query).dtype)
+    for s in range(context_lens.shape[0]):
+        start, end = int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1])
+        ctx = int(context_lens[s])
+        k = gather_context(k_cache, block_tables[s], ctx)
+        v = gather_context(v_cache, block_tables[s], ctx)
+        out[start:end] = attention(query[start:end], k, v, scale, ctx - (end - start))
+    return out
+
+
+def paged_attention_decode(query, k_cache, v_cache, context_lens, block_tables, scale):
+    """query [S, H, D] -> [S, H, D]: one new token per sequence, the last of its context."""
+    num_seqs = query.shape[0]
+    cu = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
+    return paged_attention_prefill(query, k_cache, v_cache, cu, context_lens, block_tables, scale)
+
+
+def rms_norm(x, weight, eps):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim."""
+    xf = _acc(x)
+    return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * _acc(weight)
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    """Returns (rms_norm(r) * weight, r) with r = x + residual rounded to residual's dtype.
+
+    Like vLLM, the norm reads the new residual as it is stored, so in bfloat16 it normalises the
+    rounded sum, not the exact one.
+    """
+    new_residual = (_acc(x) + _acc(residual)).to(residual.dtype)
+    return rms_norm(new_residual, weight, eps), new_residual
+
+
+def rotary_embedding(positions, query, key, cos_sin_cache, head_size):
+    """Neox-style rotation of the first rot_dim dims of every head; returns new (query, key)."""
+
+    def rotate(x):
+        shape = x.shape
+        x = _acc(x).reshape(x.shape[0], -1, head_size)
+        cos, sin = _acc(cos_sin_cache)[positions.long()].chunk(2, dim=-1)  # [T, rot_dim / 2] each
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        rot_dim = cos_sin_cache.shape[-1]
+        x1, x2 = x[..., : rot_dim // 2], x[..., rot_dim // 2 : rot_dim]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rot_dim:]], dim=-1)
+        return rotated.reshape(shape)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x):
+    """silu(x[..., :d]) * x[..., d:] for x [..., 2 * d]."""
+    gate, up = _acc(x).chunk(2, dim=-1)
+    return F.silu(gate) * up
