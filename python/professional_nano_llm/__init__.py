@@ -14,3 +14,21 @@ if _C.__version__ != __version__ or _C.torch_version != torch.__version__:
         f"{_C.torch_version}, but this is version {__version__} with torch {torch.__version__}; "
         "rebuild it: pip install --no-build-isolation -e ."
     )
+
+__all__ = ["LLM", "ProfessionalLLM", "RequestOutput", "SamplingParams", "__version__"]
+
+_LAZY = {
+    "LLM": "professional_nano_llm.llm",
+    "ProfessionalLLM": "professional_nano_llm.llm",
+    "RequestOutput": "professional_nano_llm.engine.outputs",
+    "SamplingParams": "professional_nano_llm.sampling_params",
+}
+
+
+def __getattr__(name: str):
+    # The API pulls in transformers; import it on first use so the engine core stays light.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'professional_nano_llm' has no attribute {name!r}")

@@ -1,0 +1,111 @@
+"""Offline throughput: ours vs transformers' generate, measured side by side in one run.
+
+Workload (seed 0): 32 requests, prompts of random token ids with 64..256 tokens, 64..256 output
+tokens each, greedy, ignore_eos. transformers runs all 32 prompts as one left-padded batch to the
+longest output length; every token it generates is counted, padding rows included, which favours
+it. Single stream: one 128-token prompt, 128 new tokens, for both.
+
+    python benchmarks/throughput.py [--model PATH] [--no-baseline] [--dtype float32]
+
+The last line printed is one JSON object for comparing commits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import time
+
+import torch
+
+from professional_nano_llm import ProfessionalLLM, SamplingParams, __version__
+from professional_nano_llm.loader import resolve_model
+
+
+def workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(64, 256))] for _ in range(32)]
+    output_lens = [rng.randint(64, 256) for _ in range(32)]
+    return prompts, output_lens
+
+
+def time_ours(llm: ProfessionalLLM, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    generated = sum(len(o.token_ids) for o in outputs)
+    assert generated == sum(output_lens)
+    return seconds, generated
+
+
+@torch.inference_mode()
+def time_transformers(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> tuple[float, int]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+    seconds = time.perf_counter() - start
+    return seconds, (out.shape[1] - width) * len(prompts)
+
+
+def load_transformers(source, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    if source.format == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct GGUF")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    args = parser.parse_args()
+
+    llm = ProfessionalLLM(args.model, dtype=args.dtype, device="cpu")
+    prompts, output_lens = workload(llm.engine.vocab_size)
+    single_prompt, single_len = [t for p in prompts for t in p][:128], 128
+
+    time_ours(llm, prompts[:2], [4, 4])  # warm-up
+    ours_s, ours_tokens = time_ours(llm, prompts, output_lens)
+    single_s, _ = time_ours(llm, [single_prompt], [single_len])
+    rows = [("ours, 32 requests", ours_tokens, ours_s), ("ours, single stream", single_len, single_s)]
+    result = {
+        "ours_tok_s": ours_tokens / ours_s,
+        "single_stream_ours_tok_s": single_len / single_s,
+    }
+    if not args.no_baseline:
+        hf = load_transformers(resolve_model(args.model), getattr(torch, args.dtype))
+        pad = hf.config.pad_token_id or 0
+        time_transformers(hf, prompts[:2], 4, pad)  # warm-up
+        hf_s, hf_tokens = time_transformers(hf, prompts, max(output_lens), pad)
+        hf_single_s, _ = time_transformers(hf, [single_prompt], single_len, pad)
+        rows += [("transformers, 32 in one batch", hf_tokens, hf_s),
+                 ("transformers, single stream", single_len, hf_single_s)]
+        result.update(
+            hf_tok_s=hf_tokens / hf_s,
+            single_stream_hf_tok_s=single_len / hf_single_s,
+        )
+        result["ratio"] = result["ours_tok_s"] / result["hf_tok_s"]
+        result["single_stream_ratio"] = result["single_stream_ours_tok_s"] / result["single_stream_hf_tok_s"]
+
+    print(f"professional-nano-llm {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, model {args.model or 'bundled SmolLM2-135M'} {args.dtype}")
+    print(f"{'run':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
+    for name, tokens, seconds in rows:
+        print(f"{name:32} {tokens:7d} {seconds:8.2f} {tokens / seconds:8.1f}")
+    if "ratio" in result:
+        print(f"ours / transformers: batched {result['ratio']:.2f}x, single stream {result['single_stream_ratio']:.2f}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""The engine loop: C++ scheduler -> model runner -> sampler -> C++ postprocess -> request outputs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from professional_nano_llm.config import EngineConfig
+from professional_nano_llm.engine import Scheduler, SchedulerConfig, StopParams
+from professional_nano_llm.engine.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_budget
+from professional_nano_llm.engine.outputs import RequestOutput
+from professional_nano_llm.engine.request import Request
+from professional_nano_llm.engine.sampler import Sampler, SamplingBatch, uniform_from_counter
+from professional_nano_llm.loader import resolve_model
+from professional_nano_llm.models import build_model, model_config
+from professional_nano_llm.sampling_params import SamplingParams
+from professional_nano_llm.tokenizer import eos_token_ids, load_tokenizer
+
+logger = logging.getLogger("professional_nano_llm")
+
+
+@dataclass
+class StepStats:
+    num_prefill_tokens: int = 0  # tokens of sequences with more than one new token
+    num_decode_tokens: int = 0
+    num_preemptions: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        source = resolve_model(config.model)
+        self.model_config = cfg = model_config(source.hf_config)
+        self.tokenizer = load_tokenizer(source)
+        self.eos_token_ids = eos_token_ids(source, self.tokenizer)
+        self.vocab_size = cfg.vocab_size
+
+        bytes_per_block = kv_bytes_per_block(cfg, config.block_size, config.torch_dtype)
+        model = build_model(cfg, cfg.max_position_embeddings, config.torch_dtype, config.torch_device)
+        model.load_weights(source.tensors())
+        num_blocks = kv_cache_budget(config, cfg) // bytes_per_block
+        capacity = num_blocks * config.block_size
+        max_model_len = config.max_model_len or min(cfg.max_position_embeddings, capacity)
+        if num_blocks < 1 or max_model_len > capacity:
+            raise ValueError(
+                f"the KV cache holds {max(capacity, 0)} tokens ({max(num_blocks, 0)} blocks of {config.block_size}) "
+                f"but max_model_len is {max_model_len}: lower max_model_len or give the cache more memory "
+                "(kv_cache_memory_gb on CPU, gpu_memory_utilization on GPU)"
+            )
+        if max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's context ({cfg.max_position_embeddings} tokens)"
+            )
+        self.max_model_len = max_model_len
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
+                    num_blocks, config.block_size, capacity, num_blocks * bytes_per_block / (1 << 30), max_model_len)
+        self.runner = ModelRunner(model, config, num_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+        ))
+        self.sampler = Sampler()
+        self.requests: dict[int, Request] = {}  # by sequence id
+        self.by_request_id: dict[str, Request] = {}
+        self.seed_rng = np.random.default_rng(config.seed)
+        self.request_counter = itertools.count()
+        self.last_step = StepStats()
+
+    # --- requests ---
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = next((t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size}), got {bad!r}")
+        return [int(t) for t in ids]
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        stream: bool = False,
+    ) -> str:
+        """Queues a prompt (text or token ids). Raises ValueError for a request that can never run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else str(next(self.request_counter))
+        if request_id in self.by_request_id:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        prompt_ids = self.tokenize(prompt)
+        seq_id = self.scheduler.add(prompt_ids, StopParams(
+            max_tokens=params.max_tokens,
+            min_tokens=params.min_tokens,
+            ignore_eos=params.ignore_eos,
+            stop_token_ids=params.stop_token_ids,
+            eos_token_ids=self.eos_token_ids,
+        ))
+        seed = params.seed if params.seed is not None else int(self.seed_rng.integers(1 << 63))
+        request = Request(request_id, seq_id, prompt if isinstance(prompt, str) else None, prompt_ids, params,
+                          seed, self.tokenizer, stream)
+        if params.has_penalties:
+            request.output_counts = torch.zeros(self.vocab_size, dtype=torch.float32)
+        self.requests[seq_id] = request
+        self.by_request_id[request_id] = request
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.by_request_id.pop(request_id, None)
+        if request is None:
+            return False
+        self.scheduler.abort(request.seq_id)
+        self.requests.pop(request.seq_id, None)
+        request.finish("abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --- the loop ---
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the outputs of requests that finished or, when streaming, grew."""
+        out = self.scheduler.schedule()
+        nd = out.num_decode_seqs
+        self.last_step = StepStats(out.num_tokens - nd, nd, len(out.preempted_seq_ids))
+        for seq_id in out.preempted_seq_ids:
+            self.requests[seq_id].metrics.num_preemptions += 1
+        try:
+            logits = self.runner.run(out)
+        except BaseException:
+            self._fail_step(out)
+            raise
+        sampled_ids = out.sampled_seq_ids.tolist()
+        if logits is None:
+            self.scheduler.postprocess([])
+            return []
+        requests = [self.requests[s] for s in sampled_ids]
+        result = self.sampler(logits, self._sampling_batch(requests))
+        tokens = result.tokens.cpu()
+        finished = self.scheduler.postprocess(tokens.numpy())
+        token_list = tokens.tolist()
+        logprobs = _LogprobRows(result)
+
+        updated: list[Request] = []
+        for i, request in enumerate(requests):
+            if request.append(token_list[i], *logprobs.row(i, request.params.logprobs)):
+                self.scheduler.abort(request.seq_id)  # a stop string ended it
+            if request.output_counts is not None:
+                request.output_counts[token_list[i]] += 1
+            if request.detokenizer is not None or request.finished:
+                updated.append(request)
+        for f in finished:
+            request = self.requests[f.id]
+            request.num_cached_tokens = f.num_cached_tokens
+            request.finish(f.reason, f.stop_token)
+            if request.detokenizer is None:
+                updated.append(request)
+        outputs = []
+        for request in dict.fromkeys(updated):
+            outputs.append(request.output())
+            if request.finished:
+                self.requests.pop(request.seq_id, None)
+                self.by_request_id.pop(request.request_id, None)
+        return outputs
+
+    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
+        device = self.runner.device
+        params = [r.params for r in requests]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+        num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+        batch = SamplingBatch(temperature, None, None, None, None, None, None, None, None, None, None, num_logprobs)
+        if any(not p.greedy for p in params):
+            seeds = np.array([r.seed for r in requests], dtype=np.uint64)
+            steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
+            batch.uniform = torch.from_numpy(uniform_from_counter(seeds, steps)).to(device)
+        if any(p.has_filters and not p.greedy for p in params):
+            batch.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
+            batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+            batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+        if any(p.has_penalties for p in params):
+            self._add_penalties(batch, requests)
+        banned = [(row, t) for row, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens
+                  for t in (*self.eos_token_ids, *r.params.stop_token_ids)]
+        if banned:
+            rows, ids = zip(*banned)
+            batch.banned = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
+        return batch
+
+    def _add_penalties(self, batch: SamplingBatch, requests: list[Request]) -> None:
+        device, vocab = self.runner.device, self.vocab_size
+        zeros = torch.zeros(vocab, dtype=torch.float32)
+        batch.output_counts = torch.stack([r.output_counts if r.output_counts is not None else zeros
+                                           for r in requests]).to(device)
+        seen = torch.zeros(len(requests), vocab, dtype=torch.bool)
+        for row, r in enumerate(requests):
+            if r.params.repetition_penalty != 1:
+                seen[row, torch.tensor(r.prompt_token_ids)] = True
+        batch.seen_in_prompt = seen.to(device)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+        batch.repetition_penalty = as_tensor([r.params.repetition_penalty for r in requests])
+        batch.presence_penalty = as_tensor([r.params.presence_penalty for r in requests])
+        batch.frequency_penalty = as_tensor([r.params.frequency_penalty for r in requests])
+
+    def _fail_step(self, out) -> None:
+        """The model failed: the step's requests end as aborted, and the engine stays usable."""
+        seq_ids = out.seq_ids.tolist()
+        for seq_id in seq_ids:
+            self.scheduler.abort(seq_id)
+        self.scheduler.postprocess(np.zeros(out.num_sampled, dtype=np.int32))
+        for seq_id in seq_ids:
+            request = self.requests.pop(seq_id)
+            self.by_request_id.pop(request.request_id, None)
+            request.finish("abort")
+
+
+class _LogprobRows:
+    """The sampler's logprob tensors, moved to the host once per step."""
+
+    def __init__(self, result):
+        self.chosen = result.logprobs.cpu().tolist() if result.logprobs is not None else None
+        self.tokens = result.tokens.cpu().tolist()
+        self.top_ids = result.top_ids.cpu().tolist() if result.top_ids is not None else None
+        self.top_values = result.top_logprobs.cpu().tolist() if result.top_logprobs is not None else None
+
+    def row(self, i: int, top_n: int | None) -> tuple[dict[int, float] | None, float | None]:
+        if self.chosen is None:
+            return None, None
+        entry = dict(zip(self.top_ids[i][:top_n], self.top_values[i][:top_n])) if top_n and self.top_ids else {}
+        entry[self.tokens[i]] = self.chosen[i]
+        return entry, self.chosen[i]

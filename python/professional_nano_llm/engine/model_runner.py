@@ -1,0 +1,68 @@
+"""Owns the model and its paged KV cache, and turns one scheduled step into logits."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from professional_nano_llm.config import EngineConfig, ModelConfig
+from professional_nano_llm.engine.batch import Batch
+from professional_nano_llm.layers.attention import Attention, AttentionMetadata
+from professional_nano_llm.models.decoder import CausalLM
+
+_CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def kv_cache_budget(engine: EngineConfig, cfg: ModelConfig) -> int:
+    """Bytes for the KV cache: on CPU the configured size, else a quarter of free RAM up to 4 GiB;
+    on GPU what gpu_memory_utilization leaves after the weights and a step's activations."""
+    if engine.torch_device.type == "cpu":
+        if engine.kv_cache_memory_gb is not None:
+            return int(engine.kv_cache_memory_gb * (1 << 30))
+        return min(_CPU_DEFAULT_KV_BYTES, _available_ram() // 4)
+    free, total = torch.cuda.mem_get_info(engine.torch_device)
+    element = torch.finfo(engine.torch_dtype).bits // 8
+    per_token = (4 * cfg.intermediate_size + 4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
+    activations = engine.max_num_batched_tokens * per_token * element + engine.max_num_seqs * cfg.vocab_size * 8
+    used = total - free  # the weights and anything else already on the device
+    return int(total * engine.gpu_memory_utilization) - used - activations
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, engine: EngineConfig, num_blocks: int):
+        cfg = model.config
+        self.model = model
+        self.device = engine.torch_device
+        # [layers, k/v, num_blocks, block_size, Hkv, D] in one allocation; slots are written before read.
+        self.kv_cache = torch.empty(  # never read before written: no need to touch the pages
+            cfg.num_layers, 2, num_blocks, engine.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=engine.torch_dtype, device=self.device,
+        )
+        attentions = [m for m in model.modules() if isinstance(m, Attention)]
+        for layer, attn in enumerate(attentions):
+            attn.k_cache, attn.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+
+    @torch.inference_mode()
+    def run(self, out) -> torch.Tensor | None:
+        """ScheduleOutput -> [num_sampled, vocab] float32 logits, or None when nothing is sampled."""
+        batch = Batch.from_output(out, self.device)
+        hidden = self.model(batch.input_ids, batch.positions, AttentionMetadata.from_batch(batch))
+        if out.num_sampled == 0:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, batch.sample_indices))

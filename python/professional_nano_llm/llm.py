@@ -1,0 +1,153 @@
+"""ProfessionalLLM: the offline Python API (vLLM's LLM / nano-vLLM's LLM, same calls)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from professional_nano_llm.config import EngineConfig
+from professional_nano_llm.engine.llm_engine import LLMEngine
+from professional_nano_llm.engine.outputs import RequestOutput
+from professional_nano_llm.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class ProfessionalLLM:
+    """An engine in this process. `model` is a Hugging Face folder, a .gguf file or a hub id;
+    None loads the bundled SmolLM2-135M-Instruct. Keyword arguments are EngineConfig fields."""
+
+    def __init__(self, model: str | None = None, **engine_args):
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, engine_args))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Completes one prompt (-> RequestOutput) or a list of them (-> list, in input order).
+
+        A prompt is a string, a list of token ids, or {"prompt": ...} / {"prompt_token_ids": ...}.
+        """
+        single = _is_single_prompt(prompts)
+        items = [prompts] if single else list(prompts)
+        params = _params_per_prompt(sampling_params, len(items))
+        results = self._run(items, params, use_tqdm)
+        return results[0] if single else results
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> RequestOutput | list[RequestOutput]:
+        """Applies the model's chat template to one conversation (list of {"role", "content"}) or many."""
+        single = bool(messages) and isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        prompts = [self._chat_prompt(c, add_generation_prompt) for c in conversations]
+        results = self._run(prompts, _params_per_prompt(sampling_params, len(prompts)), use_tqdm)
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt | list[dict], sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields the text of one prompt (or conversation) piece by piece as it is generated."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._chat_prompt(prompt, True)
+        engine = self.engine
+        request_id = engine.add_request(_prompt_input(prompt), sampling_params, stream=True)
+        shown = 0
+        try:
+            while True:
+                for out in engine.step():
+                    if out.request_id != request_id:
+                        continue
+                    if len(out.text) > shown:
+                        yield out.text[shown:]
+                        shown = len(out.text)
+                    if out.finished:
+                        return
+        finally:
+            engine.abort_request(request_id)  # a consumer that stops early frees the request
+
+    def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        if not conversation:
+            raise ValueError("messages must not be empty")
+        return list(self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+        ))
+
+    def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                ids.append(engine.add_request(_prompt_input(prompt), sp))
+            return self._drain(ids, use_tqdm)
+        finally:
+            for request_id in ids:  # on error or interrupt, nothing is left in the engine
+                engine.abort_request(request_id)
+
+    def _drain(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine, pending, done = self.engine, set(ids), {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        with bar:
+            while pending:
+                start = time.perf_counter()
+                outputs = engine.step()
+                seconds = time.perf_counter() - start
+                stats = engine.last_step
+                if stats.num_prefill_tokens:
+                    prefill_tps = stats.num_prefill_tokens / seconds
+                if stats.num_decode_tokens:
+                    decode_tps = stats.num_decode_tokens / seconds
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+                for out in outputs:
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[i] for i in ids]
+
+
+LLM = ProfessionalLLM
+
+
+def _is_single_prompt(prompts) -> bool:
+    if isinstance(prompts, (str, dict)):
+        return True
+    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
+        return True
+    return False
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return prompt["prompt"]
+        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, (str, list, tuple)):
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return prompt if isinstance(prompt, str) else list(prompt)
+    raise TypeError(f"a prompt is a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def _params_per_prompt(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(n)]
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params

@@ -1,0 +1,166 @@
+"""The ProfessionalLLM API on the bundled SmolLM2: inputs, outputs, sampling, stopping, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from professional_nano_llm import LLM, ProfessionalLLM, RequestOutput, SamplingParams
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return ProfessionalLLM(kv_cache_memory_gb=0.25)
+
+
+def test_llm_is_an_alias_and_single_prompt_returns_one_output(llm):
+    assert LLM is ProfessionalLLM
+    out = llm.generate("Hello world", SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)
+    assert isinstance(out, RequestOutput)
+    assert len(out.token_ids) == 5 and out.finish_reason == "length" and out.stop_reason is None
+    assert out["text"] == out.text == out.outputs[0].text and out["token_ids"] == out.token_ids
+    assert out.prompt == "Hello world" and out.prompt_token_ids == llm.tokenizer.encode("Hello world")
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    assert out.metrics.time_to_first_token > 0 and out.metrics.e2e_latency >= out.metrics.time_to_first_token
+
+
+def test_prompt_forms_and_input_order(llm):
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    texts = ["One two three", "The sky is", "Numbers: 1, 2,"]
+    by_text = llm.generate(texts, params, use_tqdm=False)
+    ids = [llm.tokenizer.encode(t) for t in texts]
+    by_ids = llm.generate(ids, params, use_tqdm=False)
+    by_dicts = llm.generate([{"prompt_token_ids": ids[0]}, {"prompt": texts[1]}, ids[2]], params, use_tqdm=False)
+    single_ids = llm.generate(ids[1], params, use_tqdm=False)
+    assert [o.token_ids for o in by_text] == [o.token_ids for o in by_ids] == [o.token_ids for o in by_dicts]
+    assert single_ids.token_ids == by_text[1].token_ids
+    alone = [llm.generate(t, params, use_tqdm=False).token_ids for t in texts]
+    assert alone == [o.token_ids for o in by_text]  # batching changes nothing
+
+
+def test_per_prompt_sampling_params(llm):
+    outs = llm.generate(["a", "b"], [SamplingParams(max_tokens=2, **GREEDY), SamplingParams(max_tokens=7, **GREEDY)],
+                        use_tqdm=False)
+    assert [len(o.token_ids) for o in outs] == [2, 7]
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate(["a", "b"], [SamplingParams()], use_tqdm=False)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate("Tell me a story", params, use_tqdm=False).token_ids
+    again = llm.generate("Tell me a story", params, use_tqdm=False).token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=30, ignore_eos=True)
+    batch = llm.generate(["Why is the sea", "Tell me a story", "Once"], [others, params, others], use_tqdm=False)
+    assert alone == again == batch[1].token_ids
+    different_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=99, max_tokens=24, ignore_eos=True)
+    assert llm.generate("Tell me a story", different_seed, use_tqdm=False).token_ids != alone
+
+
+def test_stop_strings(llm):
+    base = llm.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=24, **GREEDY), use_tqdm=False)
+    stop = base.text[8:11]
+    assert stop and stop in base.text
+    out = llm.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=24, stop=[stop, "zzz-never"], **GREEDY),
+                       use_tqdm=False)
+    assert out.text == base.text[: base.text.index(stop)]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = llm.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=24, stop=stop, include_stop_str_in_output=True,
+                                                           **GREEDY), use_tqdm=False)
+    assert kept.text == base.text[: base.text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    base = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
+    stop_id = base.token_ids[4]
+    first = base.token_ids.index(stop_id)
+    out = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, stop_token_ids=[stop_id], **GREEDY),
+                       use_tqdm=False)
+    assert out.token_ids == base.token_ids[: first + 1]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+
+
+def test_eos_and_min_tokens(llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    natural = llm.chat(messages, SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] in llm.engine.eos_token_ids
+    assert len(natural.token_ids) < 30
+    forced = llm.chat(messages, SamplingParams(temperature=0, max_tokens=64, min_tokens=40), use_tqdm=False)
+    assert len(forced.token_ids) >= 40
+    assert not set(forced.token_ids[:39]) & set(llm.engine.eos_token_ids)
+
+
+def test_chat_applies_the_template(llm):
+    messages = [{"role": "user", "content": "Say hi"}]
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    ids = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert llm.chat(messages, params, use_tqdm=False).token_ids == llm.generate(list(ids), params, use_tqdm=False).token_ids
+
+
+def test_stream_yields_the_same_text(llm):
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    pieces = list(llm.stream("Write a sentence about cats.", params))
+    assert len(pieces) > 1
+    assert "".join(pieces) == llm.generate("Write a sentence about cats.", params, use_tqdm=False).text
+    assert not llm.engine.has_unfinished()
+
+
+def test_logprobs(llm):
+    out = llm.generate("The weather today", SamplingParams(max_tokens=5, logprobs=3, **GREEDY), use_tqdm=False)
+    assert len(out.logprobs) == 5
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert 3 <= len(entry) <= 4 and token in entry
+        assert all(v <= 0 for v in entry.values())
+        assert entry[token] == max(entry.values())  # greedy picks the most likely
+    assert out.outputs[0].cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(out.token_ids, out.logprobs)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(top_p=0), "top_p must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(min_p=2), "min_p must be in"),
+        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(presence_penalty=3), "presence_penalty must be in"),
+        (dict(frequency_penalty=-2.5), "frequency_penalty must be in"),
+        (dict(max_tokens=0), "max_tokens must be >= 1"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens must be in"),
+        (dict(logprobs=100), "logprobs must be None or in"),
+        (dict(stop=[""]), "stop must be non-empty strings"),
+        (dict(stop_token_ids=[-1]), "stop_token_ids must be non-negative"),
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(temperature=float("nan")), "temperature must be >= 0"),
+    ],
+)
+def test_invalid_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_requests_leave_the_engine_usable(llm):
+    too_long = [1] * (llm.engine.max_model_len + 5)
+    with pytest.raises(ValueError, match=f"max_model_len={llm.engine.max_model_len}"):
+        llm.generate([too_long, "fine"], SamplingParams(max_tokens=4), use_tqdm=False)
+    with pytest.raises(ValueError, match="must not be empty"):
+        llm.generate("", use_tqdm=False)
+    with pytest.raises(ValueError, match="token ids must be integers in"):
+        llm.generate([[5, 10**9]], use_tqdm=False)
+    with pytest.raises(TypeError, match="unknown engine argument"):
+        ProfessionalLLM(no_such_option=1)
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.scheduler.stats.num_used_blocks == 0
+    assert len(llm.generate("Still works", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False).token_ids) == 3
+
+
+def test_bad_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ProfessionalLLM(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
+        ProfessionalLLM(str(tmp_path))
