@@ -4,6 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import logging
+import os
+
 import torch  # first: loads libtorch and libc10, which _C links against
 
 from . import _C
@@ -14,6 +17,14 @@ if _C.__version__ != __version__ or _C.torch_version != torch.__version__:
         f"{_C.torch_version}, but this is version {__version__} with torch {torch.__version__}; "
         "rebuild it: pip install --no-build-isolation -e ."
     )
+
+_logger = logging.getLogger(__name__)
+if not _logger.handlers:  # an application that configured our logger keeps its own setup
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    _logger.addHandler(_handler)
+    _logger.setLevel(os.environ.get("PNL_LOG_LEVEL", "INFO").upper())
+    _logger.propagate = False
 
 __all__ = ["LLM", "ProfessionalLLM", "RequestOutput", "SamplingParams", "__version__"]
 

@@ -1,0 +1,40 @@
+"""The pnl command line, run as a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from professional_nano_llm import __version__
+
+PNL = [sys.executable, "-m", "professional_nano_llm"]
+
+
+def pnl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*PNL, *args], input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def test_version():
+    result = pnl("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"professional-nano-llm {__version__}"
+
+
+def test_generate_prints_each_completion():
+    result = pnl("generate", "--max-tokens", "6", "--ignore-eos", "--kv-cache-memory-gb", "0.1", "Hello", "The sky is")
+    assert result.returncode == 0, result.stderr
+    assert "### Hello" in result.stdout and "### The sky is" in result.stdout
+    assert result.stderr.count("[6 tokens, finish_reason=length]") == 2
+    assert "KV cache:" in result.stderr  # the engine logs how many blocks and tokens fit
+
+
+def test_chat_streams_replies_until_an_empty_line():
+    result = pnl("chat", "--max-tokens", "16", "--kv-cache-memory-gb", "0.1", stdin="What is the capital of France?\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_invalid_arguments_give_a_clear_error():
+    result = pnl("generate", "--temperature", "-1", "x")
+    assert result.returncode == 2 and "pnl: error: temperature must be >= 0" in result.stderr
+    result = pnl("generate", "--model", "/no/such/model", "x")
+    assert result.returncode == 2 and "does not exist" in result.stderr
