@@ -5,7 +5,10 @@ tokens each, greedy, ignore_eos. transformers runs all 32 prompts as one left-pa
 longest output length; every token it generates is counted, padding rows included, which favours
 it. Single stream: one 128-token prompt, 128 new tokens, for both.
 
-    python benchmarks/throughput.py [--model PATH] [--no-baseline] [--dtype float32]
+    python benchmarks/throughput.py [--model PATH] [--no-baseline] [--dtype float32] [--repeat 3]
+
+Each measurement is repeated (ours and transformers interleaved, so both see the same machine
+noise) and the median is reported.
 
 The last line printed is one JSON object for comparing commits.
 """
@@ -16,6 +19,7 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import time
 
 import torch
@@ -68,33 +72,45 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct GGUF")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; medians are shown")
     args = parser.parse_args()
 
     llm = ProfessionalLLM(args.model, dtype=args.dtype, device="cpu")
     prompts, output_lens = workload(llm.engine.vocab_size)
     single_prompt, single_len = [t for p in prompts for t in p][:128], 128
 
-    time_ours(llm, prompts[:2], [4, 4])  # warm-up
-    ours_s, ours_tokens = time_ours(llm, prompts, output_lens)
-    single_s, _ = time_ours(llm, [single_prompt], [single_len])
-    rows = [("ours, 32 requests", ours_tokens, ours_s), ("ours, single stream", single_len, single_s)]
-    result = {
-        "ours_tok_s": ours_tokens / ours_s,
-        "single_stream_ours_tok_s": single_len / single_s,
-    }
+    hf = None
     if not args.no_baseline:
         hf = load_transformers(resolve_model(args.model), getattr(torch, args.dtype))
         pad = hf.config.pad_token_id or 0
         time_transformers(hf, prompts[:2], 4, pad)  # warm-up
-        hf_s, hf_tokens = time_transformers(hf, prompts, max(output_lens), pad)
-        hf_single_s, _ = time_transformers(hf, [single_prompt], single_len, pad)
-        rows += [("transformers, 32 in one batch", hf_tokens, hf_s),
-                 ("  of which the workload's tokens", sum(output_lens), hf_s),
-                 ("transformers, single stream", single_len, hf_single_s)]
+    time_ours(llm, prompts[:2], [4, 4])  # warm-up
+
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.repeat):
+        runs.setdefault("ours", []).append(time_ours(llm, prompts, output_lens)[0])
+        runs.setdefault("ours_single", []).append(time_ours(llm, [single_prompt], [single_len])[0])
+        if hf is not None:
+            seconds, hf_tokens = time_transformers(hf, prompts, max(output_lens), pad)
+            runs.setdefault("hf", []).append(seconds)
+            runs.setdefault("hf_single", []).append(time_transformers(hf, [single_prompt], single_len, pad)[0])
+    t = {name: statistics.median(times) for name, times in runs.items()}
+
+    ours_tokens = sum(output_lens)
+    rows = [("ours, 32 requests", ours_tokens, t["ours"]), ("ours, single stream", single_len, t["ours_single"])]
+    result = {
+        "ours_tok_s": ours_tokens / t["ours"],
+        "single_stream_ours_tok_s": single_len / t["ours_single"],
+        "repeat": args.repeat,
+    }
+    if hf is not None:
+        rows += [("transformers, 32 in one batch", hf_tokens, t["hf"]),
+                 ("  of which the workload's tokens", ours_tokens, t["hf"]),
+                 ("transformers, single stream", single_len, t["hf_single"])]
         result.update(
-            hf_tok_s=hf_tokens / hf_s,  # every generated token, padding rows included
-            hf_workload_tok_s=sum(output_lens) / hf_s,
-            single_stream_hf_tok_s=single_len / hf_single_s,
+            hf_tok_s=hf_tokens / t["hf"],  # every generated token, padding rows included
+            hf_workload_tok_s=ours_tokens / t["hf"],
+            single_stream_hf_tok_s=single_len / t["hf_single"],
         )
         result["ratio"] = result["ours_tok_s"] / result["hf_tok_s"]
         result["ratio_workload_tokens"] = result["ours_tok_s"] / result["hf_workload_tok_s"]
@@ -102,6 +118,7 @@ def main() -> None:
 
     print(f"professional-nano-llm {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, model {args.model or 'bundled SmolLM2-135M'} {args.dtype}")
+    print(f"median of {args.repeat} run(s)")
     print(f"{'run':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for name, tokens, seconds in rows:
         print(f"{name:32} {tokens:7d} {seconds:8.2f} {tokens / seconds:8.1f}")

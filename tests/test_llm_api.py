@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+
+from helpers import our_last_logits
 
 from professional_nano_llm import LLM, ProfessionalLLM, RequestOutput, SamplingParams
 
@@ -164,3 +167,16 @@ def test_bad_model_paths(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="supported: LlamaForCausalLM"):
         ProfessionalLLM(str(tmp_path))
+
+
+def test_bfloat16_on_cpu(llm):
+    """bfloat16 runs end to end and stays close to float32 (not token-exact: bf16 logits tie often)."""
+    llm16 = ProfessionalLLM(dtype="bfloat16", kv_cache_memory_gb=0.1)
+    assert llm16.engine.runner.kv_cache.dtype == torch.bfloat16
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    fp32, bf16 = our_last_logits(llm, list(prompt)), our_last_logits(llm16, list(prompt))
+    assert (bf16 - fp32).abs().max() < 1.0  # logits ~25: a few bf16 roundings
+    assert set(bf16.topk(5).indices.tolist()) == set(fp32.topk(5).indices.tolist())
+    out = llm16.generate("Paris is the capital of", SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
+    assert len(out.token_ids) == 8 and out.text.strip()

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from professional_nano_llm import ProfessionalLLM, SamplingParams
-from professional_nano_llm.engine import StopParams
 from professional_nano_llm.engine.model_runner import kv_bytes_per_block
 from professional_nano_llm.models import model_config
+
+from helpers import our_last_logits
 
 from .conftest import hf_greedy, hf_last_logits
 
@@ -48,18 +49,6 @@ def engine_args(variant: str, hf_config) -> dict:
 def run_ours(llm: ProfessionalLLM, prompts: list[list[int]]) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     return [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
-
-
-def our_last_logits(llm: ProfessionalLLM, prompt: list[int]) -> torch.Tensor:
-    """Logits the model runner produces for the prompt's last token, from one scheduled step."""
-    engine = llm.engine
-    seq_id = engine.scheduler.add(prompt, StopParams())
-    out = engine.scheduler.schedule()
-    try:
-        return engine.runner.run(out)[0]
-    finally:
-        engine.scheduler.postprocess([0] * out.num_sampled)
-        engine.scheduler.abort(seq_id)
 
 
 @pytest.fixture(scope="module")
