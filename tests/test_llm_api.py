@@ -180,3 +180,25 @@ def test_bfloat16_on_cpu(llm):
     assert set(bf16.topk(5).indices.tolist()) == set(fp32.topk(5).indices.tolist())
     out = llm16.generate("Paris is the capital of", SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
     assert len(out.token_ids) == 8 and out.text.strip()
+
+
+def test_a_failing_step_aborts_its_requests_and_the_engine_recovers(llm, monkeypatch):
+    def broken_sampler(*args, **kwargs):
+        raise RuntimeError("injected sampler failure")
+
+    monkeypatch.setattr(llm.engine, "sampler", broken_sampler)
+    with pytest.raises(RuntimeError, match="injected sampler failure"):
+        llm.generate(["a", "b"], SamplingParams(max_tokens=3), use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished() and llm.engine.scheduler.stats.num_used_blocks == 0
+    assert len(llm.generate("again", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False).token_ids) == 3
+
+
+def test_any_integer_seed_and_checked_stop_ids(llm):
+    for seed in (-1, 2**64 + 5):
+        out = llm.generate("x", SamplingParams(temperature=1.0, seed=seed, max_tokens=3, ignore_eos=True),
+                           use_tqdm=False)
+        assert len(out.token_ids) == 3
+    with pytest.raises(ValueError, match="stop_token_ids must be < the vocabulary size"):
+        llm.generate("x", SamplingParams(stop_token_ids=[10**7], min_tokens=1), use_tqdm=False)
+    assert not llm.engine.has_unfinished()

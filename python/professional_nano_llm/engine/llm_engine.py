@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +103,9 @@ class LLMEngine:
         if request_id in self.by_request_id:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_ids = self.tokenize(prompt)
+        bad_stop = next((t for t in params.stop_token_ids if t >= self.vocab_size), None)
+        if bad_stop is not None:
+            raise ValueError(f"stop_token_ids must be < the vocabulary size {self.vocab_size}, got {bad_stop}")
         seq_id = self.scheduler.add(prompt_ids, StopParams(
             max_tokens=params.max_tokens,
             min_tokens=params.min_tokens,
@@ -139,18 +143,22 @@ class LLMEngine:
         self.last_step = StepStats(out.num_tokens - nd, nd, len(out.preempted_seq_ids))
         for seq_id in out.preempted_seq_ids:
             self.requests[seq_id].metrics.num_preemptions += 1
+        now = time.monotonic()
+        for seq_id in out.seq_ids.tolist():
+            metrics = self.requests[seq_id].metrics
+            if metrics.first_scheduled_time is None:
+                metrics.first_scheduled_time = now
         try:
             logits = self.runner.run(out)
+            if logits is None:
+                self.scheduler.postprocess([])
+                return []
+            requests = [self.requests[s] for s in out.sampled_seq_ids.tolist()]
+            result = self.sampler(logits, self._sampling_batch(requests))
+            tokens = result.tokens.cpu()
         except BaseException:
             self._fail_step(out)
             raise
-        sampled_ids = out.sampled_seq_ids.tolist()
-        if logits is None:
-            self.scheduler.postprocess([])
-            return []
-        requests = [self.requests[s] for s in sampled_ids]
-        result = self.sampler(logits, self._sampling_batch(requests))
-        tokens = result.tokens.cpu()
         finished = self.scheduler.postprocess(tokens.numpy())
         token_list = tokens.tolist()
         logprobs = _LogprobRows(result)
@@ -184,7 +192,7 @@ class LLMEngine:
         num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
         batch = SamplingBatch(temperature, None, None, None, None, None, None, None, None, None, None, num_logprobs)
         if any(not p.greedy for p in params):
-            seeds = np.array([r.seed for r in requests], dtype=np.uint64)
+            seeds = np.array([r.seed & 0xFFFF_FFFF_FFFF_FFFF for r in requests], dtype=np.uint64)  # any int
             steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
             batch.uniform = torch.from_numpy(uniform_from_counter(seeds, steps)).to(device)
         if any(p.has_filters and not p.greedy for p in params):
@@ -216,7 +224,7 @@ class LLMEngine:
         batch.frequency_penalty = as_tensor([r.params.frequency_penalty for r in requests])
 
     def _fail_step(self, out) -> None:
-        """The model failed: the step's requests end as aborted, and the engine stays usable."""
+        """The model or the sampler failed: the step's requests end as aborted, the engine stays usable."""
         seq_ids = out.seq_ids.tolist()
         for seq_id in seq_ids:
             self.scheduler.abort(seq_id)
