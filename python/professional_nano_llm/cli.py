@@ -1,8 +1,10 @@
-"""`pnl`: generate text or chat from the command line (the bundled model unless --model is given)."""
+"""`pnl`: generate text, chat, or serve the OpenAI API (the bundled model unless one is given)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from professional_nano_llm import __version__
@@ -37,9 +39,7 @@ def _sampling_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true")
 
 
-def _build_llm(args):
-    from professional_nano_llm.llm import ProfessionalLLM
-
+def _engine_kwargs(args) -> dict:
     engine_args = {
         key: getattr(args, key)
         for key in ("device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
@@ -48,7 +48,99 @@ def _build_llm(args):
     }
     if args.no_prefix_caching:
         engine_args["enable_prefix_caching"] = False
-    return ProfessionalLLM(args.model, **engine_args)
+    return engine_args
+
+
+def _build_llm(args):
+    from professional_nano_llm.llm import ProfessionalLLM
+
+    return ProfessionalLLM(args.model, **_engine_kwargs(args))
+
+
+class _Repeatable(argparse.Action):
+    """A repeatable flag whose first use on the command line replaces the default (e.g. from PNL_*)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = getattr(namespace, self.dest, None)
+        items = [] if items is None or items is self.default else items
+        setattr(namespace, self.dest, [*items, values])
+
+
+def _serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_arg", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", action=_Repeatable, default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize (repeatable; "
+                        "PNL_API_KEY takes a comma-separated list)")
+    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL)")
+    g.add_argument("--max-waiting-requests", type=int, default=None,
+                   help="requests waiting to be scheduled before new ones get 429 (default: unbounded)")
+    g.add_argument("--max-waiting-tokens", type=int, default=None,
+                   help="prompt tokens waiting to be scheduled before new requests get 429 (default: unbounded)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests get to finish (default 30)")
+    g.add_argument("--log-format", default="text", choices=["text", "json"])
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="larger request bodies get 413 (default 4 MiB)")
+    g.add_argument("--metrics-auth", action="store_true", help="/metrics requires the API key too")
+
+
+def _apply_env(parser: argparse.ArgumentParser, prefix: str = "PNL_") -> None:
+    """Every --flag defaults to the environment variable PNL_FLAG (dashes as underscores); the
+    command line wins. Switches take 1/true/yes/on; PNL_API_KEY is a comma-separated list."""
+    defaults = {}
+    for action in parser._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest == "help":
+            continue
+        name = prefix + flags[0][2:].replace("-", "_").upper()
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            value = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(action, _Repeatable):
+            value = [v.strip() for v in raw.split(",") if v.strip()]
+        else:
+            try:
+                value = action.type(raw) if action.type else raw
+            except ValueError:
+                parser.error(f"{name}={raw!r} is not a valid {flags[0]}")
+            if action.choices is not None and value not in action.choices:
+                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        defaults[action.dest] = value
+    parser.set_defaults(**defaults)
+
+
+def _serve(args) -> int:
+    from professional_nano_llm.server.api_server import ServerConfig, run_server
+
+    from_cli = args.model is not None and args.model != os.environ.get("PNL_MODEL")  # not just PNL_MODEL
+    if args.model_arg is not None and from_cli and args.model_arg != args.model:
+        raise ValueError(f"two models given: {args.model_arg!r} and --model {args.model!r}")
+    for name in ("max_waiting_requests", "max_waiting_tokens", "max_body_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.metrics_auth and not args.api_key:
+        raise ValueError("--metrics-auth needs --api-key")
+    fault = os.environ.get("PNL_FAULT_INJECT_STEP")  # test hook: engine step N raises
+    config = ServerConfig(
+        model=args.model_arg or args.model, engine_args=_engine_kwargs(args), host=args.host, port=args.port,
+        api_keys=args.api_key or [], served_model_name=args.served_model_name,
+        max_waiting_requests=args.max_waiting_requests, max_waiting_tokens=args.max_waiting_tokens,
+        shutdown_timeout=args.shutdown_timeout, log_format=args.log_format, max_body_bytes=args.max_body_bytes,
+        metrics_auth=args.metrics_auth, fault_inject_step=int(fault) if fault else None,
+    )
+    code = run_server(config)
+    # The server has drained and shut down; skip the interpreter's slow teardown of torch and the
+    # model (seconds), which also guarantees that no leftover thread keeps the process alive.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _sampling_params(args):
@@ -112,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="system prompt")
     _engine_args(chat)
     _sampling_args(chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (every --flag also reads PNL_<FLAG>)")
+    _serve_args(serve)
+    _engine_args(serve)
     args = parser.parse_args(argv)
+    if args.command == "serve":  # PNL_* defaults apply to serve only; parse again with them
+        _apply_env(serve)
+        args = parser.parse_args(argv)
     try:
-        return _generate(args) if args.command == "generate" else _chat(args)
+        return {"generate": _generate, "chat": _chat, "serve": _serve}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"pnl: error: {e}", file=sys.stderr)
         return 2
