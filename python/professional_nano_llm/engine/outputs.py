@@ -14,6 +14,8 @@ class RequestMetrics:
     finished_time: float | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # the first step that ran any of its tokens
+    last_token_time: float | None = None
+    inter_token_latencies: list[float] = field(default_factory=list)  # gap before each token after the first
 
     @property
     def time_to_first_token(self) -> float | None:

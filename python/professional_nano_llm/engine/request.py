@@ -47,8 +47,12 @@ class Request:
 
     def append(self, token: int, logprobs: dict[int, float] | None, logprob: float | None) -> bool:
         """Adds a sampled token; returns True when a stop string ended the request."""
-        if not self.output_token_ids:
-            self.metrics.first_token_time = time.monotonic()
+        now, metrics = time.monotonic(), self.metrics
+        if metrics.last_token_time is None:
+            metrics.first_token_time = now
+        else:
+            metrics.inter_token_latencies.append(now - metrics.last_token_time)
+        metrics.last_token_time = now
         self.output_token_ids.append(token)
         if logprob is not None:
             self.cumulative_logprob += logprob

@@ -89,10 +89,8 @@ class ServerMetrics:
             self.ttft.observe(m.time_to_first_token)
         if m.e2e_latency is not None:
             self.e2e.observe(m.e2e_latency)
-        if num_generated > 1 and m.first_token_time is not None and m.finished_time is not None:
-            mean = (m.finished_time - m.first_token_time) / (num_generated - 1)
-            for _ in range(num_generated - 1):
-                self.itl.observe(mean)
+        for gap in m.inter_token_latencies:
+            self.itl.observe(gap)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
