@@ -179,7 +179,7 @@ def test_tokenize_and_detokenize(client):
 def test_prompts_and_outputs_are_not_logged(server, client):
     secret = "zebra-unicorn-carburetor"
     response = client.post("/v1/completions", json={"prompt": f"Say {secret}", "max_tokens": 3,
-                                                        "ignore_eos": True})
+                                                        "ignore_eos": True, "user": "tenant-42"})
     assert response.status_code == 200
     request_id = response.json()["id"]
     log = server.log()
@@ -187,6 +187,7 @@ def test_prompts_and_outputs_are_not_logged(server, client):
     assert secret not in log  # ... without the prompt
     line = next(line for line in log.splitlines() if request_id in line)
     assert "status=200" in line and "completion_tokens=3" in line and "ttft=" in line and "e2e=" in line
+    assert "user=tenant-42" in line  # the OpenAI `user` field is honoured: it traces requests to end users
 
 
 def test_server_is_healthy_after_bad_input(client):

@@ -223,6 +223,7 @@ class OpenAIServer:
             self._check_available()
             body = await self._read_json(request, P.ChatCompletionRequest if chat else P.CompletionRequest)
             self._check_model(body.model)
+            log.user = body.user
             if body.stream_options is not None and not body.stream:
                 raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
             if not 1 <= body.n <= P.MAX_N:
@@ -598,6 +599,7 @@ class _RequestLog:
         self.start = time.monotonic()
         self.status = 500
         self.prompt_tokens = 0
+        self.user: str | None = None  # the client's end-user id (OpenAI `user`), for abuse tracing
         self.first_token_time: float | None = None
         self._tokens: dict[str, int] = {}  # per engine request, latest
         self._finish: dict[str, str] = {}
@@ -625,11 +627,12 @@ class _RequestLog:
         ttft = None if self.first_token_time is None else max(0.0, self.first_token_time - self.start)
         fields = {"request_id": self.id, "status": self.status, "prompt_tokens": self.prompt_tokens,
                   "completion_tokens": self.completion_tokens, "ttft_s": None if ttft is None else round(ttft, 4),
-                  "e2e_s": round(e2e, 4), "finish_reason": ",".join(sorted(set(self._finish.values()))) or None}
+                  "e2e_s": round(e2e, 4), "finish_reason": ",".join(sorted(set(self._finish.values()))) or None,
+                  "user": self.user}
         ttft_text = "-" if ttft is None else f"{ttft:.3f}s"
-        logger.info("request %s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s e2e=%.3fs finish=%s",
+        logger.info("request %s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s e2e=%.3fs finish=%s user=%s",
                     self.id, self.status, self.prompt_tokens, self.completion_tokens, ttft_text, e2e,
-                    fields["finish_reason"] or "-", extra={"fields": fields})
+                    fields["finish_reason"] or "-", self.user or "-", extra={"fields": fields})
 
 
 class _SSEResponse(StreamingResponse):
