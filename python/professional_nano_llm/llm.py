@@ -121,11 +121,10 @@ LLM = ProfessionalLLM
 
 
 def _is_single_prompt(prompts) -> bool:
+    """A string, a prompt dict, or one list of token ids (not a list of prompts)."""
     if isinstance(prompts, (str, dict)):
         return True
-    if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
-        return True
-    return False
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(t, int) for t in prompts)
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

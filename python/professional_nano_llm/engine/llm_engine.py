@@ -161,7 +161,7 @@ class LLMEngine:
             raise
         finished = self.scheduler.postprocess(tokens.numpy())
         token_list = tokens.tolist()
-        logprobs = _LogprobRows(result)
+        logprobs = _LogprobRows(result, token_list)
 
         updated: list[Request] = []
         for i, request in enumerate(requests):
@@ -238,9 +238,9 @@ class LLMEngine:
 class _LogprobRows:
     """The sampler's logprob tensors, moved to the host once per step."""
 
-    def __init__(self, result):
+    def __init__(self, result, tokens: list[int]):
         self.chosen = result.logprobs.cpu().tolist() if result.logprobs is not None else None
-        self.tokens = result.tokens.cpu().tolist()
+        self.tokens = tokens
         self.top_ids = result.top_ids.cpu().tolist() if result.top_ids is not None else None
         self.top_values = result.top_logprobs.cpu().tolist() if result.top_logprobs is not None else None
 
