@@ -23,6 +23,14 @@ def random_slots(num_tokens, num_slots, device, skip_every=0):
     return slots.to(device)
 
 
+def assert_store_matches_ref(key, value, k_cache, v_cache, slots):
+    """The op writes exactly what the reference writes (the stored values are copies: exact)."""
+    k_expected, v_expected = ref.store_kv_cache(key, value, k_cache, v_cache, slots)
+    ops.store_kv_cache(key, value, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
+    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
@@ -35,10 +43,7 @@ def test_store_kv_cache(device, dtype, num_tokens, num_kv_heads, head_dim, block
     key = torch.randn(num_tokens, num_kv_heads, head_dim, dtype=dtype, device=device)
     value = torch.randn_like(key)
     slots = random_slots(num_tokens, num_blocks * block_size, device, skip_every=5)
-    k_expected, v_expected = ref.store_kv_cache(key, value, k_cache, v_cache, slots)
-    ops.store_kv_cache(key, value, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+    assert_store_matches_ref(key, value, k_cache, v_cache, slots)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -51,10 +56,7 @@ def test_store_kv_cache_strided_slices_of_qkv(device, dtype):
     value = qkv[:, (H + Hkv) * D :].view(T, Hkv, D)
     k_cache, v_cache = caches(5, block_size, Hkv, D, dtype, device)
     slots = random_slots(T, 5 * block_size, device)
-    k_expected, v_expected = ref.store_kv_cache(key, value, k_cache, v_cache, slots)
-    ops.store_kv_cache(key, value, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+    assert_store_matches_ref(key, value, k_cache, v_cache, slots)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -66,10 +68,7 @@ def test_store_kv_cache_strided_heads(device):
     value = strided_rows(12, (4, 32), torch.float32, device)
     k_cache, v_cache = caches(3, 8, 4, 32, torch.float32, device)
     slots = random_slots(12, 24, device, skip_every=4)
-    k_expected, v_expected = ref.store_kv_cache(key, value, k_cache, v_cache, slots)
-    ops.store_kv_cache(key, value, k_cache, v_cache, slots)
-    torch.testing.assert_close(k_cache, k_expected, rtol=0, atol=0)
-    torch.testing.assert_close(v_cache, v_expected, rtol=0, atol=0)
+    assert_store_matches_ref(key, value, k_cache, v_cache, slots)
 
 
 @pytest.mark.parametrize("device", DEVICES)
