@@ -45,6 +45,7 @@ class LLMEngine:
         bytes_per_block = kv_bytes_per_block(cfg, config.block_size, config.torch_dtype)
         model = build_model(cfg, cfg.max_position_embeddings, config.torch_dtype, config.torch_device)
         model.load_weights(source.tensors())
+        model.prepack()
         num_blocks = kv_cache_budget(config, cfg) // bytes_per_block
         capacity = num_blocks * config.block_size
         max_model_len = config.max_model_len or min(cfg.max_position_embeddings, capacity)

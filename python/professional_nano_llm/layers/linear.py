@@ -6,6 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# On CPU, oneDNN's matmul over a weight reordered once into its blocked layout runs the small-batch
+# matmuls of decoding 1.3-4x faster than F.linear over the plain [out, in] weight (measured on
+# SmolLM2's shapes, M = 1..256; the vocabulary projection gains most).
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] weight -> the layout `linear` runs fastest on this device (a oneDNN tensor on CPU)."""
+    if _ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
+        return torch.ops.mkldnn._reorder_linear_weight(weight)
+    return weight
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight^T + bias, for a plain or prepacked weight."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
@@ -20,7 +39,11 @@ class Linear(nn.Module):
         self.bias = _param(out_features, dtype=dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+    def prepack(self) -> None:
+        """Once the weights are loaded: reorders W in place of the plain copy (no second copy is kept)."""
+        self.weight = nn.Parameter(prepack_weight(self.weight.data), requires_grad=False)
 
 
 class MergedLinear(Linear):

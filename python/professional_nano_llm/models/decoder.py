@@ -9,13 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from professional_nano_llm.config import ModelConfig
 from professional_nano_llm.layers.activation import SiluAndMul
 from professional_nano_llm.layers.attention import Attention, AttentionMetadata
-from professional_nano_llm.layers.linear import Linear, MergedLinear
+from professional_nano_llm.layers.linear import Linear, MergedLinear, linear, prepack_weight
 from professional_nano_llm.layers.norm import RMSNorm
 from professional_nano_llm.layers.rotary import RotaryEmbedding
 
@@ -84,13 +83,27 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = DecoderModel(cfg, max_position, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
+        self.tied_lm_weight: torch.Tensor | None = None  # a prepacked copy of the embedding, once prepacked
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [T, hidden]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
+        weight = self.model.embed_tokens.weight if self.tied_lm_weight is None else self.tied_lm_weight
+        return linear(hidden, weight).float()
+
+    @torch.inference_mode()
+    def prepack(self) -> None:
+        """After loading: puts every matmul weight into its device's fastest layout. The embedding
+        lookup needs the plain table, so a tied vocabulary projection gets its own packed copy."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepack()
+        if self.lm_head is None:
+            packed = prepack_weight(self.model.embed_tokens.weight)
+            self.tied_lm_weight = packed if packed.is_mkldnn else None
 
     @torch.inference_mode()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:
