@@ -6,6 +6,8 @@
 
 #include <algorithm>
 
+#include "pnl/kernels/rows.h"
+
 namespace pnl::ops {
 
 /// Elements of work per at::parallel_for chunk (torch's at::internal::GRAIN_SIZE): below it an op
@@ -39,16 +41,9 @@ inline void check_device(const at::Tensor& t, const char* name, const at::Tensor
               " and ", ref.device());
 }
 
-/// The rows of a [hidden], [rows, hidden] or [outer, inner, hidden] tensor whose last dim is
-/// contiguous and whose leading dims may be strided (e.g. a [T, H, D] view of a slice of qkv).
-struct Rows {
-  int64_t count = 0;         // rows in all
-  int64_t inner = 1;         // rows per step of the outer dim
-  int64_t outer_stride = 0;  // elements
-  int64_t inner_stride = 0;  // elements
-  int64_t offset(int64_t row) const { return (row / inner) * outer_stride + (row % inner) * inner_stride; }
-};
+using kernels::Rows;
 
+/// The rows of a float tensor of 1 to 3 dims whose last dim is contiguous.
 inline Rows rows_of(const at::Tensor& t, const char* name) {
   check_rows(t, name);
   TORCH_CHECK(t.dim() <= 3, name, " must have 1 to 3 dims, got shape ", t.sizes());

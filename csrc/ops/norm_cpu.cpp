@@ -3,18 +3,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "ops/checks.h"
+#include "ops/norm.h"
 #include "pnl/kernels/cpu/norm.h"
 
 namespace pnl::ops {
 namespace {
-
-void check_weight(const at::Tensor& weight, const at::Tensor& input) {
-  check_same(weight, "weight", input, "input");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), "weight must be [hidden] = [", input.size(-1),
-              "], got shape ", weight.sizes());
-  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
-}
 
 /// Rows per at::parallel_for chunk: about torch's grain of elementwise work.
 int64_t rows_per_chunk(int64_t hidden) {
@@ -23,14 +16,10 @@ int64_t rows_per_chunk(int64_t hidden) {
 
 }  // namespace
 
-// input, out [..., hidden] (1 to 3 dims, rows may be strided; out may be input); weight [hidden].
 void rms_norm_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double eps) {
+  const int64_t hidden = check_rms_norm(out, input, weight);
   const Rows in_rows = rows_of(input, "input");
   const Rows out_rows = rows_of(out, "out");
-  check_same(out, "out", input, "input");
-  TORCH_CHECK(out.sizes() == input.sizes(), "out must have input's shape ", input.sizes(), ", got ", out.sizes());
-  check_weight(weight, input);
-  const int64_t hidden = input.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "rms_norm_cpu", [&] {
     const scalar_t* x = input.data_ptr<scalar_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
@@ -43,16 +32,10 @@ void rms_norm_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& we
   });
 }
 
-// input, residual [..., hidden] (1 to 3 dims, rows may be strided), both updated in place.
 void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  const int64_t hidden = check_fused_add_rms_norm(input, residual, weight);
   const Rows in_rows = rows_of(input, "input");
   const Rows res_rows = rows_of(residual, "residual");
-  check_same(residual, "residual", input, "input");
-  TORCH_CHECK(residual.sizes() == input.sizes(), "residual must have input's shape ", input.sizes(), ", got ",
-              residual.sizes());
-  TORCH_CHECK(input.numel() == 0 || input.data_ptr() != residual.data_ptr(), "input and residual must not alias");
-  check_weight(weight, input);
-  const int64_t hidden = input.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "fused_add_rms_norm_cpu", [&] {
     scalar_t* x = input.data_ptr<scalar_t>();
     scalar_t* res = residual.data_ptr<scalar_t>();

@@ -11,7 +11,7 @@
 #include <atomic>
 #include <vector>
 
-#include "ops/checks.h"
+#include "ops/paged_attention.h"
 #include "pnl/kernels/cpu/paged_attention.h"
 
 namespace pnl::ops {
@@ -20,46 +20,14 @@ namespace {
 /// Keys per decode partition: a sequence longer than this is split, and the parts merged.
 constexpr int64_t kDecodePartition = 256;
 
-struct AttentionShape {
-  int64_t num_heads, head_dim, num_kv_heads, num_blocks, block_size, max_blocks;
-};
-
 struct WorkItem {
   int64_t seq, kv_head, begin, end;  // prefill: query tokens [begin, end); decode: keys [begin, end)
   int64_t cost;                      // query rows x keys, to order the items
 };
 
-/// Checks the arguments both attention ops share. out, query [N, H, D]; caches [num_blocks,
-/// block_size, Hkv, D]; context_lens [S]; block_tables [S, max_blocks].
-AttentionShape check_attention(const at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
-                               const at::Tensor& v_cache, const at::Tensor& context_lens,
-                               const at::Tensor& block_tables) {
-  check_rows(query, "query");
-  check_rows(out, "out");
-  TORCH_CHECK(query.dim() == 3, "query must be [num_tokens, num_heads, head_dim], got shape ", query.sizes());
-  TORCH_CHECK(out.sizes() == query.sizes(), "out must have query's shape ", query.sizes(), ", got ", out.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, num_kv_heads, head_dim], got shape ",
-              k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
-              v_cache.sizes());
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "k_cache and v_cache must be contiguous");
-  check_same(out, "out", query, "query");
-  check_same(k_cache, "k_cache", query, "query");
-  check_same(v_cache, "v_cache", query, "query");
-  const AttentionShape shape{query.size(1),   query.size(2),   k_cache.size(2),
-                             k_cache.size(0), k_cache.size(1), block_tables.dim() == 2 ? block_tables.size(1) : 0};
-  TORCH_CHECK(k_cache.size(3) == shape.head_dim, "k_cache head_dim ", k_cache.size(3), " differs from query's ",
-              shape.head_dim);
-  TORCH_CHECK(shape.num_kv_heads > 0 && shape.num_heads % shape.num_kv_heads == 0, "num_heads ", shape.num_heads,
-              " must be a multiple of num_kv_heads ", shape.num_kv_heads);
-  check_index(context_lens, "context_lens", 1);
-  check_index(block_tables, "block_tables", 2);
-  check_device(context_lens, "context_lens", query, "query");
-  check_device(block_tables, "block_tables", query, "query");
-  TORCH_CHECK(block_tables.size(0) == context_lens.size(0), "block_tables must have one row per sequence (",
-              context_lens.size(0), "), got shape ", block_tables.sizes());
-
-  // Every block a context reaches must exist: a bad table is an error, not a read out of bounds.
+/// The CPU twin also checks the index contents (they are on the host): every block a context
+/// reaches must exist, so a bad table is an error, not a read out of bounds.
+void check_tables_cpu(const AttentionShape& shape, const at::Tensor& context_lens, const at::Tensor& block_tables) {
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   for (int64_t s = 0; s < context_lens.size(0); ++s) {
@@ -71,7 +39,6 @@ AttentionShape check_attention(const at::Tensor& out, const at::Tensor& query, c
                   " is out of range [0, ", shape.num_blocks, ")");
     }
   }
-  return shape;
 }
 
 /// Runs fn(state, items[i]) for every item on at::parallel_for's threads, handing the items out in
@@ -166,12 +133,9 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
 void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                                  const at::Tensor& v_cache, const at::Tensor& cu_seqlens_q,
                                  const at::Tensor& context_lens, const at::Tensor& block_tables, double scale) {
-  const AttentionShape shape = check_attention(out, query, k_cache, v_cache, context_lens, block_tables);
-  check_index(cu_seqlens_q, "cu_seqlens_q", 1);
-  check_device(cu_seqlens_q, "cu_seqlens_q", query, "query");
+  const AttentionShape shape = check_prefill(out, query, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables);
+  check_tables_cpu(shape, context_lens, block_tables);
   const int64_t num_seqs = context_lens.size(0);
-  TORCH_CHECK(cu_seqlens_q.size(0) == num_seqs + 1, "cu_seqlens_q must be [num_seqs + 1] = [", num_seqs + 1,
-              "], got shape ", cu_seqlens_q.sizes());
   const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   TORCH_CHECK(cu[0] == 0 && cu[num_seqs] == query.size(0), "cu_seqlens_q must run from 0 to num_tokens (",
@@ -215,10 +179,9 @@ void paged_attention_prefill_cpu(at::Tensor& out, const at::Tensor& query, const
 void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
                                 const at::Tensor& v_cache, const at::Tensor& context_lens,
                                 const at::Tensor& block_tables, double scale) {
-  const AttentionShape shape = check_attention(out, query, k_cache, v_cache, context_lens, block_tables);
+  const AttentionShape shape = check_decode(out, query, k_cache, v_cache, context_lens, block_tables);
+  check_tables_cpu(shape, context_lens, block_tables);
   const int64_t num_seqs = context_lens.size(0);
-  TORCH_CHECK(query.size(0) == num_seqs, "query must have one token per sequence (", num_seqs, "), got shape ",
-              query.sizes());
   const int32_t* lens = context_lens.data_ptr<int32_t>();
 
   const int64_t group = shape.num_heads / shape.num_kv_heads;

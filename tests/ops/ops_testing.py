@@ -62,3 +62,9 @@ def paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device, sp
         order = order[n:]
     lens = torch.tensor(context_lens, dtype=torch.int32)
     return k_cache, v_cache, block_tables.to(device), lens.to(device)
+
+
+def poisoned(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN: an element the op fails to write fails the comparison (a
+    fresh torch.empty on a GPU often holds an earlier, correct-looking result)."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)

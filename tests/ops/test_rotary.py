@@ -97,12 +97,21 @@ def test_rotary_embedding_position_zero_is_identity(device):
     torch.testing.assert_close(key, k_before, **TOLERANCES[torch.float32])
 
 
+def valid_rotary_args():
+    """Valid arguments, to break one at a time."""
+    return dict(
+        positions=torch.tensor([0, 1, 2]),
+        query=torch.randn(3, 2 * 64),
+        key=torch.randn(3, 64),
+        cos_sin_cache=torch.randn(64, 64),
+        head_size=64,
+    )
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (dict(positions=torch.tensor([0, 1, 64])), "out of range"),
-        (dict(positions=torch.tensor([0, -1, 2])), "out of range"),
         (dict(positions=torch.tensor([0.0, 1.0, 2.0])), "int32 or int64"),
         (dict(positions=torch.tensor([0, 1])), "one row per position"),
         (dict(query=torch.randn(3, 100)), "not a multiple of head_size"),
@@ -115,14 +124,19 @@ def test_rotary_embedding_position_zero_is_identity(device):
     ],
 )
 def test_rotary_embedding_rejects(device, change, message):
-    args = dict(
-        positions=torch.tensor([0, 1, 2]),
-        query=torch.randn(3, 2 * 64),
-        key=torch.randn(3, 64),
-        cos_sin_cache=torch.randn(64, 64),
-        head_size=64,
-    )
+    args = valid_rotary_args()
     args.update(change)
     args = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in args.items()}
     with pytest.raises(RuntimeError, match=message):
+        ops.rotary_embedding(**args)
+
+
+@pytest.mark.parametrize(
+    "positions", [torch.tensor([0, 1, 64]), torch.tensor([0, -1, 2], dtype=torch.int32)]
+)
+def test_rotary_embedding_rejects_positions_out_of_range_on_cpu(positions):
+    """CPU only: the CUDA op never reads positions on the host (test_elementwise_cuda.py)."""
+    args = valid_rotary_args()
+    args["positions"] = positions
+    with pytest.raises(RuntimeError, match="out of range"):
         ops.rotary_embedding(**args)
