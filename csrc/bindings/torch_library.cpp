@@ -26,6 +26,13 @@ TORCH_LIBRARY(pnl, m) {
   // its first half and sin in its second; the first rot_dim dims of each head rotate.
   m.def("rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor cos_sin_cache, "
         "int head_size) -> ()");
+  // Qwen3's attention front end in one pass: query [T, H, D] and key [T, Hkv, D] are each RMS-normed
+  // per head (q_weight, k_weight [D]) and rotated like rotary_embedding, in place; then key and value
+  // [T, Hkv, D] are stored like store_kv_cache. The result of rms_norm, rotary_embedding and
+  // store_kv_cache in turn (on CPU the same bits; on CUDA up to the order of the sum of squares).
+  m.def("qk_norm_rope_store(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor q_weight, "
+        "Tensor k_weight, float eps, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
+        "Tensor slot_mapping) -> ()");
   // out = silu(input[..., :d]) * input[..., d:]. input [..., 2 * d], out [..., d].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
 }

@@ -50,6 +50,19 @@ def cases(device):
             torch.randn(16, 32, **f32),
             32,
         ),
+        "qk_norm_rope_store": (
+            positions[:4],
+            torch.randn(4, 3, 32, **f32),
+            key.clone(),
+            key.clone(),
+            torch.randn(32, **f32),
+            torch.randn(32, **f32),
+            1e-6,
+            torch.randn(16, 32, **f32),
+            k_cache.clone(),
+            v_cache.clone(),
+            slots,
+        ),
         "silu_and_mul": (torch.empty(5, 48, **f32), x),
     }
 

@@ -61,10 +61,12 @@ class Attention(nn.Module):
         T, H, Hkv, D = hidden.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)  # strided views, no copies
         q, k, v = q.view(T, H, D), k.view(T, Hkv, D), v.view(T, Hkv, D)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        self.rotary(positions, q, k)
-        ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if self.q_norm is not None:  # Qwen3: q/k norm, rotary and KV store in one kernel
+            ops.qk_norm_rope_store(positions, q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                   self.rotary.cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            self.rotary(positions, q, k)
+            ops.store_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty(T, H, D, dtype=hidden.dtype, device=hidden.device)
         nd = meta.num_decode_tokens
         if nd > 0:

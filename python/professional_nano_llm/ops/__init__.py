@@ -54,6 +54,22 @@ def rotary_embedding(positions, query, key, cos_sin_cache, head_size: int) -> No
     _ops.rotary_embedding(positions, query, key, cos_sin_cache, head_size)
 
 
+def qk_norm_rope_store(
+    positions, query, key, value, q_weight, k_weight, eps: float, cos_sin_cache, k_cache, v_cache, slot_mapping
+) -> None:
+    """Qwen3's attention front end in one pass, in place: query and key are RMS-normed per head,
+    rotated, and key and value stored into the caches: the result of rms_norm(q, q_weight),
+    rms_norm(k, k_weight), rotary_embedding and store_kv_cache in turn (on CPU the same bits).
+
+    positions [T]; query [T, H, D]; key, value [T, Hkv, D]; q_weight, k_weight [D];
+    cos_sin_cache [max_position, rot_dim]; k_cache, v_cache [num_blocks, block_size, Hkv, D];
+    slot_mapping [T] (-1 skipped).
+    """
+    _ops.qk_norm_rope_store(
+        positions, query, key, value, q_weight, k_weight, eps, cos_sin_cache, k_cache, v_cache, slot_mapping
+    )
+
+
 def silu_and_mul(out, x) -> None:
     """out = silu(x[..., :d]) * x[..., d:]. x [..., 2 * d]; out [..., d]."""
     _ops.silu_and_mul(out, x)
@@ -67,6 +83,7 @@ for _name in (
     "rms_norm",
     "fused_add_rms_norm",
     "rotary_embedding",
+    "qk_norm_rope_store",
     "silu_and_mul",
 ):
     torch.library.register_fake(f"pnl::{_name}")(lambda *args, **kwargs: None)

@@ -97,6 +97,19 @@ def rotary_embedding(positions, query, key, cos_sin_cache, head_size):
     return rotate(query), rotate(key)
 
 
+def qk_norm_rope_store(
+    positions, query, key, value, q_weight, k_weight, eps, cos_sin_cache, k_cache, v_cache, slot_mapping
+):
+    """Returns new (query, key, k_cache, v_cache): the separate ops in turn, each output rounded to
+    the input dtype as the op stores it (query [T, H, D], key and value [T, Hkv, D])."""
+    q = rms_norm(query, q_weight, eps).to(query.dtype)
+    k = rms_norm(key, k_weight, eps).to(key.dtype)
+    q, k = rotary_embedding(positions, q, k, cos_sin_cache, query.shape[-1])
+    q, k = q.to(query.dtype), k.to(key.dtype)
+    k_out, v_out = store_kv_cache(k, value, k_cache, v_cache, slot_mapping)
+    return q, k, k_out, v_out
+
+
 def silu_and_mul(x):
     """silu(x[..., :d]) * x[..., d:] for x [..., 2 * d]."""
     gate, up = _acc(x).chunk(2, dim=-1)
