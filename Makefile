@@ -12,12 +12,12 @@ BUILD_DIR = build/$(shell $(PY) -c 'import sys; print(sys.implementation.cache_t
 CMAKE_ARGS ?=
 SOURCES := $(shell find csrc include cpp_tests benchmarks/cpp -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: run test build setup system-deps bench clean
+.PHONY: run test build setup system-deps bench cuda-compile-check clean
 
 run: build
 	$(VENV)/bin/pnl generate --chat "What is the capital of France? Answer in one sentence."
 
-test: build
+test: build cuda-compile-check
 	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
 	$(PY) -m pytest -q
 
@@ -27,6 +27,17 @@ bench: build
 	$(PY) benchmarks/throughput.py
 
 build: $(VENV)/.built
+
+# Every CUDA source compiles for sm_90a wherever nvcc is, against the CPU torch's headers (no GPU,
+# no CUDA torch), so a CUDA compile error fails `make test` although nothing can run here.
+cuda-compile-check: $(VENV)/.deps
+	@if command -v nvcc >/dev/null; then \
+		mkdir -p build/cuda-check && \
+		{ PATH="$(abspath $(VENV))/bin:$$PATH" cmake -S . -B build/cuda-check -G Ninja \
+			-DPython_EXECUTABLE="$(abspath $(PY))" -DPNL_WITH_CUDA=OFF -DPNL_CUDA_COMPILE_CHECK=ON \
+			>build/cuda-check/configure.log 2>&1 || { cat build/cuda-check/configure.log; false; }; } && \
+		PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build/cuda-check --target pnl_cuda_check; \
+	else echo "nvcc not found: the CUDA sources are not compile-checked"; fi
 
 setup: $(VENV)/.deps
 
