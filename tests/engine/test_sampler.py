@@ -83,7 +83,9 @@ def test_greedy_rows_take_the_argmax():
     ],
     ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
 )
-def test_sampled_distribution_matches_definition(params):
+@pytest.mark.parametrize("candidates", [3, 1024], ids=["3-candidates", "all-candidates"])
+def test_sampled_distribution_matches_definition(params, candidates):
+    """With 3 candidates most filtered rows need more than the top 3 and take the full sort."""
     n = 40_000
     expected = reference_distribution(LOGITS, **params)
     filtered = any(k in params for k in ("top_k", "top_p", "min_p"))
@@ -94,11 +96,22 @@ def test_sampled_distribution_matches_definition(params):
         top_k=torch.full((n,), params.get("top_k", 0) or V) if filtered else None,
         top_p=torch.full((n,), params.get("top_p", 1.0)) if filtered else None,
         min_p=torch.full((n,), params.get("min_p", 0.0)) if filtered else None,
+        max_top_k=params.get("top_k", 0),
     )
-    tokens = Sampler()(LOGITS.expand(n, V).clone(), batch).tokens
+    tokens = Sampler(candidates)(LOGITS.expand(n, V).clone(), batch).tokens
     got = empirical(tokens)
     assert (got[expected == 0] == 0).all(), "sampled a token the filters exclude"
     torch.testing.assert_close(got, expected, atol=0.01, rtol=0)
+
+
+def test_filtered_and_unfiltered_rows_in_one_batch():
+    """Rows without filters past the candidates draw from the whole distribution, no sort."""
+    n = 40_000
+    top_k = torch.tensor([2, V] * (n // 2))
+    batch = make_batch(n, uniform=draws(n), top_k=top_k, top_p=torch.ones(n), min_p=torch.zeros(n), max_top_k=2)
+    tokens = Sampler(candidates=3)(LOGITS.expand(n, V).clone(), batch).tokens
+    torch.testing.assert_close(empirical(tokens[0::2]), reference_distribution(LOGITS, top_k=2), atol=0.01, rtol=0)
+    torch.testing.assert_close(empirical(tokens[1::2]), reference_distribution(LOGITS), atol=0.01, rtol=0)
 
 
 def test_mixed_greedy_and_sampled_rows():

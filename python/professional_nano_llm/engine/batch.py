@@ -14,7 +14,8 @@ class Batch:
     """int32 tensors of one step; sequences with one new token (decodes) come first.
 
     On the CPU the tensors alias the scheduler's buffers: they are valid until the next
-    ``schedule()``. With ``device`` set, the whole step moves in one copy.
+    ``schedule()``. With ``device`` set, the whole step moves in one copy (through ``staging``'s
+    pinned buffer when given, so the copy is asynchronous).
     """
 
     input_ids: torch.Tensor  # [num_tokens]
@@ -29,10 +30,13 @@ class Batch:
     max_context_len: int
 
     @classmethod
-    def from_output(cls, out: ScheduleOutput, device: torch.device | None = None) -> Batch:
+    def from_output(cls, out: ScheduleOutput, device: torch.device | None = None,
+                    staging: StepStaging | None = None) -> Batch:
         arena = torch.from_numpy(out.arena)
-        if device is not None and device.type != "cpu":
-            arena = arena.to(device, non_blocking=True)
+        if staging is not None:
+            arena = staging.upload(arena)
+        elif device is not None and device.type != "cpu":
+            arena = arena.to(device)
         ids, pos, slots, cu, ctx, sample, tables = arena.split(out.field_sizes)
         return cls(
             ids,
@@ -46,3 +50,22 @@ class Batch:
             out.max_seqlen_q,
             out.max_context_len,
         )
+
+
+class StepStaging:
+    """A pinned host buffer and its device twin, grown on demand and reused by every step, so moving
+    a step's inputs allocates nothing and does not block the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.host = torch.empty(0, dtype=torch.int32)
+        self.dev = torch.empty(0, dtype=torch.int32, device=device)
+
+    def upload(self, arena: torch.Tensor) -> torch.Tensor:  # [n] int32 on the host -> [n] on the device
+        n = arena.numel()
+        if n > self.host.numel():
+            self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=torch.int32, pin_memory=True)
+            self.dev = torch.empty(self.host.numel(), dtype=torch.int32, device=self.device)
+        # The previous step's copy has finished: the engine waited for its sampled tokens.
+        self.host[:n].copy_(arena)
+        return self.dev[:n].copy_(self.host[:n], non_blocking=True)

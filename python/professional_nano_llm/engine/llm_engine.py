@@ -62,7 +62,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB); max_model_len %d",
                     num_blocks, config.block_size, capacity, num_blocks * bytes_per_block / (1 << 30), max_model_len)
-        self.runner = ModelRunner(model, config, num_blocks)
+        self.runner = ModelRunner(model, config, num_blocks, max_model_len)
         self.scheduler = Scheduler(SchedulerConfig(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -198,6 +198,7 @@ class LLMEngine:
             batch.uniform = torch.from_numpy(uniform_from_counter(seeds, steps)).to(device)
         if any(p.has_filters and not p.greedy for p in params):
             batch.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
+            batch.max_top_k = max(p.top_k for p in params)
             batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
             batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
         if any(p.has_penalties for p in params):

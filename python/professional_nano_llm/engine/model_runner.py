@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
 
 from professional_nano_llm.config import EngineConfig, ModelConfig
-from professional_nano_llm.engine.batch import Batch
+from professional_nano_llm.engine.batch import Batch, StepStaging
+from professional_nano_llm.engine.cuda_graphs import DecodeGraphs
 from professional_nano_llm.layers.attention import Attention, AttentionMetadata
 from professional_nano_llm.models.decoder import CausalLM
 
@@ -25,6 +27,8 @@ def kv_cache_budget(engine: EngineConfig, cfg: ModelConfig) -> int:
         if engine.kv_cache_memory_gb is not None:
             return int(engine.kv_cache_memory_gb * (1 << 30))
         return min(_CPU_DEFAULT_KV_BYTES, _available_ram() // 4)
+    gc.collect()  # an earlier engine's cache, unreachable now, must not count as used
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(engine.torch_device)
     element = torch.finfo(engine.torch_dtype).bits // 8
     per_token = (4 * cfg.intermediate_size + 4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
@@ -45,7 +49,10 @@ def _available_ram() -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, engine: EngineConfig, num_blocks: int):
+    """Runs scheduled steps on the model. On CUDA, decode steps replay captured graphs (unless
+    enforce_eager) and every other step moves its inputs through a pinned buffer in one copy."""
+
+    def __init__(self, model: CausalLM, engine: EngineConfig, num_blocks: int, max_model_len: int):
         cfg = model.config
         self.model = model
         self.device = engine.torch_device
@@ -57,12 +64,27 @@ class ModelRunner:
         attentions = [m for m in model.modules() if isinstance(m, Attention)]
         for layer, attn in enumerate(attentions):
             attn.k_cache, attn.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+        self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
+        self.graphs = None
+        if self.device.type == "cuda" and not engine.enforce_eager:
+            max_blocks = -(-max_model_len // engine.block_size)
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self.decode_forward, engine.max_num_seqs, max_blocks, self.device)
 
     @torch.inference_mode()
     def run(self, out) -> torch.Tensor | None:
         """ScheduleOutput -> [num_sampled, vocab] float32 logits, or None when nothing is sampled."""
-        batch = Batch.from_output(out, self.device)
+        if self.graphs is not None and self.graphs.covers(out):
+            return self.model.compute_logits(self.graphs.run(out))
+        batch = Batch.from_output(out, self.device, self.staging)
         hidden = self.model(batch.input_ids, batch.positions, AttentionMetadata.from_batch(batch))
         if out.num_sampled == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, batch.sample_indices))
+
+    def decode_forward(self, input_ids, positions, slot_mapping, context_lens, block_tables) -> torch.Tensor:
+        """The model over B one-token sequences ([B] int32 inputs, block_tables [B, max_blocks]) -> [B, hidden]."""
+        no_prefill = context_lens[:0]
+        meta = AttentionMetadata(slot_mapping, input_ids.shape[0], context_lens, block_tables,
+                                 context_lens[:1] * 0, no_prefill, block_tables[:0])
+        return self.model(input_ids, positions, meta)

@@ -40,6 +40,7 @@ class SamplingBatch:
     output_counts: torch.Tensor | None  # [B, V] float32
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) masked to -inf (min_tokens)
     num_logprobs: int  # max top-N over rows; 0 = none asked, -1 = no logprobs at all
+    max_top_k: int = 0  # the largest top_k a row sets (0 = none), so the filters see all it keeps
 
 
 @dataclass(slots=True)
@@ -51,6 +52,9 @@ class SamplerOutput:
 
 
 class Sampler:
+    def __init__(self, candidates: int = 1024):
+        self.candidates = candidates  # tokens the top-k/top-p/min-p filters look at before a full sort
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:  # logits [B, V] float32
         raw_logprobs = logits.log_softmax(dim=-1) if batch.num_logprobs >= 0 else None
         logits = self._apply_penalties(logits, batch)
@@ -80,21 +84,45 @@ class Sampler:
         logits = torch.where(seen, torch.where(logits > 0, logits / rp, logits * rp), logits)
         return logits - b.frequency_penalty[:, None] * counts - b.presence_penalty[:, None] * (counts > 0)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         temperature = torch.where(b.temperature == 0, 1.0, b.temperature)
         probs = (logits / temperature[:, None]).softmax(dim=-1)
         if b.top_k is None:
             return _inverse_cdf(probs, b.uniform)
-        # One descending sort serves all three filters; the draw happens in sorted order.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[-1], device=probs.device)
-        cum_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = (rank[None, :] >= b.top_k[:, None]) | ((cum_before >= b.top_p[:, None]) & (b.top_p[:, None] < 1))
-        drop |= sorted_probs < b.min_p[:, None] * sorted_probs[:, :1]
-        drop[:, 0] = False  # the most likely token always survives
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return order.gather(1, _inverse_cdf(sorted_probs, b.uniform)[:, None])[:, 0]
+        # The filters keep a prefix of the tokens by descending probability. Sorting the whole
+        # vocabulary every step is the slow part, so they run on the k most likely tokens; a row
+        # whose kept prefix might reach past those k takes the full sort instead (rare: a flat
+        # distribution with top_p close to 1 and no top_k).
+        vocab = probs.shape[-1]
+        k = min(vocab, max(self.candidates, b.max_top_k))
+        top, ids = probs.topk(k, dim=-1)  # sorted, descending
+        tokens = _filtered_draw(top, ids, b.top_k, b.top_p, b.min_p, b.uniform)
+        if k == vocab:
+            return tokens
+        mass = top.cumsum(dim=-1)[:, -1]
+        exact = (b.top_k <= k) | ((b.top_p < 1) & (mass >= b.top_p)) | (top[:, -1] < b.min_p * top[:, 0])
+        if bool(exact.all()):
+            return tokens
+        rows = (~exact).nonzero()[:, 0]
+        unfiltered = (b.top_k[rows] >= vocab) & (b.top_p[rows] >= 1) & (b.min_p[rows] <= 0)
+        if bool(unfiltered.all()):
+            tokens[rows] = _inverse_cdf(probs[rows], b.uniform[rows])
+        else:
+            ranked, order = probs[rows].sort(dim=-1, descending=True)
+            tokens[rows] = _filtered_draw(ranked, order, b.top_k[rows], b.top_p[rows], b.min_p[rows], b.uniform[rows])
+        return tokens
+
+
+def _filtered_draw(ranked, ids, top_k, top_p, min_p, uniform) -> torch.Tensor:
+    """Draws from probabilities sorted in descending order (ranked [B, n], their token ids [B, n])
+    after top-k, top-p (the smallest prefix whose mass reaches top_p) and min-p."""
+    rank = torch.arange(ranked.shape[-1], device=ranked.device)
+    cum_before = ranked.cumsum(dim=-1) - ranked
+    drop = (rank[None, :] >= top_k[:, None]) | ((cum_before >= top_p[:, None]) & (top_p[:, None] < 1))
+    drop |= ranked < min_p[:, None] * ranked[:, :1]
+    drop[:, 0] = False  # the most likely token always survives
+    kept = ranked.masked_fill(drop, 0.0)
+    return ids.gather(1, _inverse_cdf(kept, uniform)[:, None])[:, 0]
 
 
 def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,58 @@
+"""Decode CUDA graphs' host side, on the CPU: bucket choice, and that the padded static inputs a
+graph replays give the real rows exactly the logits of the plain step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from professional_nano_llm import ProfessionalLLM
+from professional_nano_llm.engine import StopParams
+from professional_nano_llm.engine.cuda_graphs import DecodeGraphs, bucket_for, graph_batch_sizes
+
+
+def test_buckets_cover_every_batch_size():
+    assert graph_batch_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+    assert graph_batch_sizes(3) == [1, 2, 3]
+    assert graph_batch_sizes(100)[-1] == 100 and graph_batch_sizes(5000)[-1] == 512
+    sizes = graph_batch_sizes(100)
+    for n in range(1, 101):
+        b = bucket_for(n, sizes)
+        assert b >= n and all(s < n for s in sizes if s < b)  # the smallest bucket that fits
+    assert bucket_for(101, sizes) is None
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_padded_decode_step_matches_the_plain_step(tiny_models, arch):
+    llm = ProfessionalLLM(str(tiny_models[arch][0]), block_size=8, max_num_seqs=8, enable_prefix_caching=False)
+    engine = llm.engine
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 30)]  # 1, 3 and 4 blocks of 8
+    seq_ids = [engine.scheduler.add(p, StopParams(max_tokens=8, ignore_eos=True)) for p in prompts]
+    out = engine.scheduler.schedule()
+    engine.scheduler.postprocess([7, 8, 9])
+    out = engine.scheduler.schedule()
+    try:
+        graphs = DecodeGraphs(engine.runner.decode_forward, 8, max_blocks=40, device=torch.device("cpu"),
+                              capture=False)
+        assert graphs.covers(out) and out.num_seqs == 3  # replayed in the bucket of 4: one padding row
+        plain = engine.runner.run(out)
+        padded = engine.runner.model.compute_logits(graphs.run(out))
+        torch.testing.assert_close(padded, plain, atol=1e-4, rtol=1e-5)
+        assert (graphs.inputs.views(4)[2][3] == -1).all()  # the padding row stores no KV
+    finally:
+        engine.scheduler.postprocess([0] * out.num_sampled)
+        for s in seq_ids:
+            engine.scheduler.abort(s)
+
+
+def test_prefill_steps_are_not_replayed(tiny_models):
+    llm = ProfessionalLLM(str(tiny_models["llama"][0]), max_num_seqs=4)
+    engine = llm.engine
+    seq_id = engine.scheduler.add([1, 2, 3], StopParams(max_tokens=2))
+    out = engine.scheduler.schedule()
+    try:
+        graphs = DecodeGraphs(engine.runner.decode_forward, 4, 8, torch.device("cpu"), capture=False)
+        assert not graphs.covers(out)
+    finally:
+        engine.scheduler.postprocess([0] * out.num_sampled)
+        engine.scheduler.abort(seq_id)
