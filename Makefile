@@ -12,7 +12,7 @@ BUILD_DIR = build/$(shell $(PY) -c 'import sys; print(sys.implementation.cache_t
 CMAKE_ARGS ?=
 SOURCES := $(shell find csrc include cpp_tests benchmarks/cpp -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: run test build setup system-deps bench cuda-compile-check clean
+.PHONY: run test build setup system-deps bench gpu-check cuda-compile-check clean
 
 run: build
 	$(VENV)/bin/pnl generate --chat "What is the capital of France? Answer in one sentence."
@@ -38,6 +38,11 @@ cuda-compile-check: $(VENV)/.deps
 			>build/cuda-check/configure.log 2>&1 || { cat build/cuda-check/configure.log; false; }; } && \
 		PATH="$(abspath $(VENV))/bin:$$PATH" cmake --build build/cuda-check --target pnl_cuda_check; \
 	else echo "nvcc not found: the CUDA sources are not compile-checked"; fi
+
+# On a lent GPU machine (its own python3 and torch, no internet): build for sm_90a, CUDA tests,
+# op microbenchmarks, nano-vLLM's benchmark. Logs under $$OUT.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 setup: $(VENV)/.deps
 

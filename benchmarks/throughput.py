@@ -6,6 +6,14 @@ longest output length; every token it generates is counted, padding rows include
 it. Single stream: one 128-token prompt, 128 new tokens, for both.
 
     python benchmarks/throughput.py [--model PATH] [--no-baseline] [--dtype float32] [--repeat 3]
+    python benchmarks/throughput.py --workload nano-bench [--model PATH] [--enforce-eager]
+
+``--workload nano-bench`` reproduces nano-vLLM's bench.py on the GPU: Qwen3-0.6B (random bf16
+weights from benchmarks/qwen3-0.6b.json unless --model is given), random.seed(0), 256 sequences of
+randint(0, 10000) token ids with randint(100, 1024) prompt and output lengths, temperature 0.6,
+ignore_eos, max_model_len 4096. Besides nano-vLLM's "Total/Time/Throughput" line it prints the HBM
+floor of the same workload: the bytes every decode step must read (all weights, plus the KV of every
+running sequence) over the device's measured copy bandwidth, and our fraction of it.
 
 Each measurement is repeated (ours and transformers interleaved, so both see the same machine
 noise) and the median is reported.
@@ -20,7 +28,9 @@ import json
 import platform
 import random
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -57,6 +67,76 @@ def time_transformers(model, prompts: list[list[int]], max_new_tokens: int, pad_
     return seconds, (out.shape[1] - width) * len(prompts)
 
 
+def nano_bench_workload() -> tuple[list[list[int]], list[int]]:
+    """nano-vLLM bench.py's prompts and output lengths, drawn in its order."""
+    rng = random.Random(0)
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
+    return prompts, [rng.randint(100, 1024) for _ in range(256)]
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat: int = 20) -> float:
+    """Bytes/s of a device-to-device copy, counting the bytes read and the bytes written (median)."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeat + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(times[3:])
+
+
+def decode_floor_seconds(prompt_lens: list[int], output_lens: list[int], weight_bytes: int,
+                         kv_bytes_per_token: int, bandwidth: float) -> float:
+    """Every decode step reads all weights once and the KV of every running sequence; the first
+    output token of each sequence comes from its prefill. Prefill and sampling are left out."""
+    steps = max(output_lens) - 1
+    total = 0
+    for j in range(1, steps + 1):
+        running = [p + j for p, n in zip(prompt_lens, output_lens) if n - 1 >= j]
+        total += weight_bytes + kv_bytes_per_token * sum(running)
+    return total / bandwidth
+
+
+def nano_bench(args) -> None:
+    from random_model import random_model  # benchmarks/ is on sys.path when run as a script
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = random_model(Path(__file__).with_name("qwen3-0.6b.json"), tmp, torch.bfloat16, "cuda")
+        llm = ProfessionalLLM(str(model), max_model_len=4096, enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    prompts, output_lens = nano_bench_workload()
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in output_lens]
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)  # warm-up, as bench.py does
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    total = sum(output_lens)
+    assert sum(len(o.token_ids) for o in outputs) == total
+    print(f"Total: {total}tok, Time: {seconds:.2f}s, Throughput: {total / seconds:.2f}tok/s")
+
+    device = engine.runner.device
+    bandwidth = copy_bandwidth(device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    kv_per_token = engine.runner.kv_cache[:, :, 0, 0].numel() * engine.runner.kv_cache.element_size()
+    floor = decode_floor_seconds([len(p) for p in prompts], output_lens, weight_bytes, kv_per_token, bandwidth)
+    print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, professional-nano-llm {__version__}, "
+          f"CUDA graphs {'off' if args.enforce_eager else 'on'}")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); weights {weight_bytes / 1e9:.2f} GB; "
+          f"KV {kv_per_token / 1024:.0f} KiB per token")
+    print(f"HBM floor {floor:.2f}s = {total / floor:.0f} tok/s; ours {seconds:.2f}s = {floor / seconds:.1%} of the floor")
+    print(json.dumps({"workload": "nano-bench", "total_tokens": total, "seconds": seconds,
+                      "tok_s": total / seconds, "floor_seconds": floor, "floor_tok_s": total / floor,
+                      "fraction_of_floor": floor / seconds, "copy_bandwidth_bytes_s": bandwidth,
+                      "device": torch.cuda.get_device_name(device), "cuda_graphs": not args.enforce_eager}))
+
+
 def load_transformers(source, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +153,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--repeat", type=int, default=1, help="runs per measurement; medians are shown")
+    parser.add_argument("--workload", default="cpu", choices=["cpu", "nano-bench"],
+                        help="cpu: the 32-request CPU workload above; nano-bench: nano-vLLM's bench.py on a GPU")
+    parser.add_argument("--enforce-eager", action="store_true", help="nano-bench without CUDA graphs")
     args = parser.parse_args()
+    if args.workload == "nano-bench":
+        nano_bench(args)
+        return
 
     llm = ProfessionalLLM(args.model, dtype=args.dtype, device="cpu")
     prompts, output_lens = workload(llm.engine.vocab_size)
