@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
 from professional_nano_llm import __version__
+from professional_nano_llm.cli import _engine_args, _engine_kwargs
 
 PNL = [sys.executable, "-m", "professional_nano_llm"]
 
@@ -38,3 +40,11 @@ def test_invalid_arguments_give_a_clear_error():
     assert result.returncode == 2 and "pnl: error: temperature must be >= 0" in result.stderr
     result = pnl("generate", "--model", "/no/such/model", "x")
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_engine_flags_reach_the_engine_config():
+    parser = argparse.ArgumentParser()
+    _engine_args(parser)
+    args = parser.parse_args(["--enforce-eager", "--gpu-memory-utilization", "0.5", "--no-prefix-caching"])
+    assert _engine_kwargs(args) == dict(enforce_eager=True, gpu_memory_utilization=0.5, enable_prefix_caching=False)
+    assert _engine_kwargs(parser.parse_args([])) == {}

@@ -20,7 +20,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None)
     g.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -43,11 +45,13 @@ def _engine_kwargs(args) -> dict:
     engine_args = {
         key: getattr(args, key)
         for key in ("device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-                    "kv_cache_memory_gb")
+                    "kv_cache_memory_gb", "gpu_memory_utilization")
         if getattr(args, key) is not None
     }
     if args.no_prefix_caching:
         engine_args["enable_prefix_caching"] = False
+    if args.enforce_eager:
+        engine_args["enforce_eager"] = True
     return engine_args
 
 
