@@ -3,7 +3,7 @@
 # the CUDA tests (every CUDA op against its pure-torch reference, greedy parity against
 # transformers), the op microbenchmarks and nano-vLLM's benchmark, then prints a short table.
 # Full logs go to $OUT (default: build/gpu-check). Needs no internet: the machine's python3 has
-# torch, nvcc, cmake, ninja and scikit-build-core; Python wheels it lacks travel in .whl/.
+# torch, transformers, nvcc, cmake, ninja and scikit-build-core; wheels in .whl/ are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-check}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .loader import ModelSource
-from .loader.gguf import read_gguf
 from .loader.safetensors import read_json
 
 # The token texts llama.cpp treats as end of generation (llama_vocab::impl::load, llama-vocab.cpp).
@@ -32,6 +31,8 @@ def eos_token_ids(source: ModelSource, tokenizer: PreTrainedTokenizerBase) -> li
     and eom ids, tokenizer.eos_token_id, and the end-of-generation tokens llama.cpp finds by text.
     """
     if source.format == "gguf":
+        from .loader.gguf import read_gguf  # the gguf package is imported only for GGUF models
+
         metadata, _ = read_gguf(source.path)
         ids = {metadata.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")}
         vocab = tokenizer.get_vocab()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from professional_nano_llm.engine import Batch, ScheduleOutput, Scheduler, SchedulerConfig, StopParams
+from professional_nano_llm.engine.batch import StepStaging
 
 BS = 8
 PROMPT_A = list(range(100, 110))  # 10 tokens, sampled in the first step
@@ -116,3 +117,19 @@ def test_batch_keeps_scheduler_alive():
     del batch
     gc.collect()
     assert scheduler_ref() is None
+
+
+def test_staged_batch_is_a_copy_through_one_reused_buffer():
+    """StepStaging (pinned on CUDA) on its CPU twin: each step's arena is copied, and the buffer
+    grows only when a step is larger than any before it."""
+    sched, out = first_step_of_two_prompts()
+    staging = StepStaging(torch.device("cpu"))
+    batch = Batch.from_output(out, staging=staging)
+    assert_batch_matches(batch, out)
+    assert not np.shares_memory(batch.input_ids.numpy(), out.arena)
+    buffer = staging.host
+    sched.postprocess([7])
+    out = sched.schedule()  # a smaller step: same buffer
+    batch = Batch.from_output(out, staging=staging)
+    assert_batch_matches(batch, out)
+    assert staging.host is buffer

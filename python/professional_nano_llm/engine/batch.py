@@ -64,7 +64,8 @@ class StepStaging:
     def upload(self, arena: torch.Tensor) -> torch.Tensor:  # [n] int32 on the host -> [n] on the device
         n = arena.numel()
         if n > self.host.numel():
-            self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=torch.int32, pin_memory=True)
+            pin = self.device.type == "cuda"  # (a CPU twin, for tests, needs no pinning)
+            self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=torch.int32, pin_memory=pin)
             self.dev = torch.empty(self.host.numel(), dtype=torch.int32, device=self.device)
         # The previous step's copy has finished: the engine waited for its sampled tokens.
         self.host[:n].copy_(arena)

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .gguf import gguf_config, iter_gguf
 from .hub import download, looks_like_hub_id
 from .safetensors import INDEX_FILE, iter_safetensors, load_config, safetensors_files
 
@@ -33,6 +32,8 @@ class ModelSource:
         llama q/k rows are put back in Hugging Face order.
         """
         if self.format == "gguf":
+            from .gguf import iter_gguf  # the gguf package is imported only for GGUF models
+
             return iter_gguf(self.path, self.hf_config)
         return iter_safetensors(safetensors_files(self.path))
 
@@ -78,4 +79,6 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         path = ggufs[0]
     if path.suffix != ".gguf":
         raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    from .gguf import gguf_config
+
     return ModelSource(path, "gguf", gguf_config(path))
