@@ -54,19 +54,19 @@ class Batch:
 
 class StepStaging:
     """A pinned host buffer and its device twin, grown on demand and reused by every step, so moving
-    a step's inputs allocates nothing and does not block the host."""
+    a step's inputs (or its sampling parameters) allocates nothing and does not block the host."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.host = torch.empty(0, dtype=torch.int32)
-        self.dev = torch.empty(0, dtype=torch.int32, device=device)
+    def __init__(self, device: torch.device, dtype: torch.dtype = torch.int32):
+        self.device, self.dtype = device, dtype
+        self.host = torch.empty(0, dtype=dtype)
+        self.dev = torch.empty(0, dtype=dtype, device=device)
 
-    def upload(self, arena: torch.Tensor) -> torch.Tensor:  # [n] int32 on the host -> [n] on the device
-        n = arena.numel()
+    def upload(self, values: torch.Tensor) -> torch.Tensor:  # [n] on the host -> [n] on the device
+        n = values.numel()
         if n > self.host.numel():
             pin = self.device.type == "cuda"  # (a CPU twin, for tests, needs no pinning)
-            self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=torch.int32, pin_memory=pin)
-            self.dev = torch.empty(self.host.numel(), dtype=torch.int32, device=self.device)
+            self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=self.dtype, pin_memory=pin)
+            self.dev = torch.empty(self.host.numel(), dtype=self.dtype, device=self.device)
         # The previous step's copy has finished: the engine waited for its sampled tokens.
-        self.host[:n].copy_(arena)
+        self.host[:n].copy_(values)
         return self.dev[:n].copy_(self.host[:n], non_blocking=True)

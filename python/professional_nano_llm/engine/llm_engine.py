@@ -12,6 +12,7 @@ import torch
 
 from professional_nano_llm.config import EngineConfig
 from professional_nano_llm.engine import Scheduler, SchedulerConfig, StopParams
+from professional_nano_llm.engine.batch import StepStaging
 from professional_nano_llm.engine.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_budget
 from professional_nano_llm.engine.outputs import RequestOutput
 from professional_nano_llm.engine.request import Request
@@ -72,6 +73,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         ))
         self.sampler = Sampler()
+        self.param_staging = StepStaging(config.torch_device, torch.float64) if self.runner.staging is not None else None
         self.requests: dict[int, Request] = {}  # by sequence id
         self.by_request_id: dict[str, Request] = {}
         self.seed_rng = np.random.default_rng(config.seed)
@@ -189,18 +191,24 @@ class LLMEngine:
     def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
         device = self.runner.device
         params = [r.params for r in requests]
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
         num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
-        batch = SamplingBatch(temperature, None, None, None, None, None, None, None, None, None, None, num_logprobs)
+        batch = SamplingBatch(None, None, None, None, None, None, None, None, None, None, None, num_logprobs)
         if any(not p.greedy for p in params):
             seeds = np.array([r.seed & 0xFFFF_FFFF_FFFF_FFFF for r in requests], dtype=np.uint64)  # any int
             steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
-            batch.uniform = torch.from_numpy(uniform_from_counter(seeds, steps)).to(device)
-        if any(p.has_filters and not p.greedy for p in params):
-            batch.top_k = torch.tensor([p.top_k if p.top_k > 0 else self.vocab_size for p in params], device=device)
-            batch.max_top_k = max(p.top_k for p in params)
-            batch.top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-            batch.min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            # One [rows, B] float64 table moves in one copy: temperature, the draws, then the filters.
+            table = [[p.temperature for p in params], uniform_from_counter(seeds, steps)]
+            filtered = any(p.has_filters and not p.greedy for p in params)
+            if filtered:
+                table += [[p.top_k if p.top_k > 0 else self.vocab_size for p in params],
+                          [p.top_p for p in params], [p.min_p for p in params]]
+            table = torch.from_numpy(np.array(table, dtype=np.float64))
+            if self.param_staging is not None:
+                table = self.param_staging.upload(table.view(-1)).view(table.shape)
+            batch.temperature, batch.uniform = table[0].float(), table[1]
+            if filtered:
+                batch.top_k, batch.top_p, batch.min_p = table[2].long(), table[3].float(), table[4].float()
+                batch.max_top_k = max(p.top_k for p in params)
         if any(p.has_penalties for p in params):
             self._add_penalties(batch, requests)
         banned = [(row, t) for row, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens

@@ -28,7 +28,7 @@ def uniform_from_counter(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
 class SamplingBatch:
     """Per-row parameters of one step's sampled sequences (row = ScheduleOutput.sampled_seq_ids order)."""
 
-    temperature: torch.Tensor  # [B] float32; 0 = greedy
+    temperature: torch.Tensor | None  # [B] float32, 0 = greedy; None when every row is greedy
     top_k: torch.Tensor | None  # [B] int64, vocab size where disabled; None when no row filters
     top_p: torch.Tensor | None  # [B] float32
     min_p: torch.Tensor | None  # [B] float32
