@@ -37,6 +37,20 @@ def median_us(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def copy_rate(repeat: int) -> float:
+    """GB/s of a 1 GiB device-to-device copy, bytes read plus bytes written."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / median_us(lambda: dst.copy_(src), repeat) / 1e3
+
+
+def matmul_rate() -> float:
+    """TFLOP/s of an 8192^3 bf16 matmul on random data (torch's cuBLAS)."""
+    a = torch.randn(8192, 8192, dtype=DT, device="cuda")
+    b = torch.randn(8192, 8192, dtype=DT, device="cuda")
+    return 2 * 8192**3 / median_us(lambda: a @ b, 10) / 1e6
+
+
 def paged(num_seqs: int, context: int):
     blocks = -(-context // BLOCK)
     k_cache = torch.randn(num_seqs * blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype=DT, device="cuda")
@@ -54,14 +68,7 @@ def main() -> None:
     r = args.repeat
     el = torch.finfo(DT).bits // 8
 
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / median_us(lambda: dst.copy_(src), r) / 1e3
-    del src, dst
-    a = torch.randn(8192, 8192, dtype=DT, device="cuda")
-    b = torch.randn(8192, 8192, dtype=DT, device="cuda")
-    mm_tflops = 2 * 8192**3 / median_us(lambda: a @ b, 10) / 1e6
-    del a, b
+    copy_gbs, mm_tflops = copy_rate(r), matmul_rate()
     rows = []  # (op, shape, µs, achieved, unit, limit)
 
     def memory_bound(op, shape, fn, nbytes):

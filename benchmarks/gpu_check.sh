@@ -15,7 +15,9 @@ started=$(date +%s)
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it with its log in $OUT/NAME.log, records status and time
   local name=$1 limit=$2 t0=$(date +%s)
   shift 2
-  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  # SIGINT first: pytest then still prints its failures and writes the junit file, and a Python
+  # benchmark its traceback (where it was stuck); SIGKILL 15 s later if that does not end it.
+  timeout -s INT -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
   local rc=$?
   printf '%-12s rc=%-3s %4ss\n' "$name" "$rc" "$(($(date +%s) - t0))" | tee -a "$OUT/summary.txt"
   return $rc
@@ -35,13 +37,13 @@ fi
 } >"$OUT/env.txt" 2>&1
 
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
-step build 300 $PY -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/gpu \
+step build 240 $PY -m pip install --no-build-isolation --no-deps -e . -C build-dir=build/gpu \
   -C cmake.define.PNL_WITH_CUDA=ON -C cmake.define.CMAKE_CUDA_ARCHITECTURES=90a || {
   tail -40 "$OUT/build.log"
   exit 1
 }
 export PYTHONUNBUFFERED=1
-step pytest 120 $PY -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine tests/models \
+step pytest 180 $PY -m pytest -m cuda -q -p no:cacheprovider tests/ops tests/engine tests/models \
   --junitxml="$OUT/pytest.xml"
 step bench-ops 60 $PY benchmarks/bench_ops_cuda.py
 step nano-bench 90 $PY benchmarks/throughput.py --workload nano-bench

@@ -21,7 +21,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # per step; 8192 on GPU, 1024 on CPU
     max_model_len: int | None = None  # default: the model's context, capped by the KV cache
     enable_prefix_caching: bool = True
-    kv_cache_memory_gb: float | None = None  # CPU: KV cache size; default a quarter of free RAM, <= 4 GiB
+    # KV cache size; default: a quarter of free RAM (<= 4 GiB) on CPU, gpu_memory_utilization on GPU
+    kv_cache_memory_gb: float | None = None
     gpu_memory_utilization: float = 0.9  # GPU: fraction of device memory for weights, activations, KV
     num_threads: int | None = None  # CPU threads for torch; default: torch's choice
     seed: int = 0  # seeds requests that do not set their own

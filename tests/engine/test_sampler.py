@@ -135,6 +135,19 @@ def test_seeded_row_is_independent_of_batch_composition():
     assert Sampler()(logits, batch).tokens[4] == token_alone
 
 
+def test_seeded_unfiltered_row_is_independent_of_filtered_neighbours():
+    """A row without filters draws the same token whether or not other rows of its batch filter."""
+    n = 64
+    u = draws(n, seed=3)
+    alone = make_batch(n, uniform=u)
+    want = Sampler()(LOGITS.expand(n, V).clone(), alone).tokens
+    top_k = torch.tensor([2, V] * (n // 2))
+    mixed = make_batch(n, uniform=u, top_k=top_k, top_p=torch.ones(n), min_p=torch.zeros(n), max_top_k=2)
+    for candidates in (3, 1024):
+        got = Sampler(candidates)(LOGITS.expand(n, V).clone(), mixed).tokens
+        assert torch.equal(got[1::2], want[1::2])
+
+
 def reference_penalties(logits, prompt_ids, output_ids, repetition, presence, frequency):
     """HF repetition penalty over prompt + output, then OpenAI presence/frequency over the output."""
     out = [float(x) for x in logits]

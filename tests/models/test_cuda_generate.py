@@ -48,7 +48,7 @@ def hf_greedy(hf, prompt):
 def test_float32_greedy_is_token_exact(tiny, enforce_eager):
     folder, hf, prompts = tiny
     llm = ProfessionalLLM(str(folder), device="cuda", dtype="float32", enforce_eager=enforce_eager,
-                          max_num_seqs=16, gpu_memory_utilization=0.3)
+                          max_num_seqs=16, kv_cache_memory_gb=1)
     assert (llm.engine.runner.graphs is None) == enforce_eager
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     ours = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -58,7 +58,7 @@ def test_float32_greedy_is_token_exact(tiny, enforce_eager):
 
 def test_bfloat16_tracks_float32_logits(tiny):
     folder, hf, prompts = tiny
-    llm = ProfessionalLLM(str(folder), device="cuda", max_num_seqs=16, gpu_memory_utilization=0.3)
+    llm = ProfessionalLLM(str(folder), device="cuda", max_num_seqs=16, kv_cache_memory_gb=1)
     assert llm.engine.runner.kv_cache.dtype == torch.bfloat16
     params = SamplingParams(temperature=0, max_tokens=1, logprobs=5)
     for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False)):
@@ -72,7 +72,7 @@ def test_bfloat16_tracks_float32_logits(tiny):
 
 def test_sampling_is_seeded_on_the_gpu(tiny):
     folder, _, prompts = tiny
-    llm = ProfessionalLLM(str(folder), device="cuda", max_num_seqs=16, gpu_memory_utilization=0.3)
+    llm = ProfessionalLLM(str(folder), device="cuda", max_num_seqs=16, kv_cache_memory_gb=1)
     params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=16, ignore_eos=True)
     first = llm.generate(prompts[:3], params, use_tqdm=False)
     again = llm.generate(prompts[2:3], params, use_tqdm=False)

@@ -235,3 +235,15 @@ def test_decode_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         check(out, query, k_cache, v_cache, lens, tables, scale)
+
+
+def test_decode_cuda_bad_tables_stay_in_bounds():
+    """The CUDA op cannot check index contents without a sync: a table of -1 over a context of
+    several partitions, or a context longer than its table, reads nothing out of bounds and gives
+    finite output (zeros where no key is valid)."""
+    query, k_cache, v_cache, lens, tables = decode_inputs([1500, 40], (16, 8, 128), 16, torch.bfloat16)
+    tables[0] = -1
+    lens[1] = tables.shape[1] * 16 + 1000  # past the table
+    out = run(query, k_cache, v_cache, lens, tables, 0.1)
+    torch.cuda.synchronize()
+    assert (out[0] == 0).all() and out.isfinite().all()

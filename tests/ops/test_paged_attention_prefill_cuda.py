@@ -193,3 +193,19 @@ def test_prefill_cuda_graph_capture():
     torch.cuda.synchronize()
     assert not out.isnan().any()
     assert_attention_close(out, query, k_cache, v_cache, cu, lens, block_tables, scale)
+
+
+@pytest.mark.parametrize("head_dim", [128, 80], ids=["tensor-core", "simple"])
+def test_prefill_cuda_bad_indices_stay_in_bounds(head_dim):
+    """The CUDA op cannot check index contents without a sync: a context longer than its block
+    table row and -1 entries inside a context read nothing out of bounds and give finite output."""
+    contexts = [100, 70]
+    k_cache, v_cache, tables, lens = paged_kv(contexts, 2, head_dim, 16, torch.bfloat16, "cuda")
+    lens[1] = tables.shape[1] * 16 + 500  # past the table row (which ends the allocation)
+    tables[0, 1] = -1
+    cu = torch.tensor([0, 40, 70], dtype=torch.int32, device="cuda")
+    query = torch.randn(70, 8, head_dim, dtype=torch.bfloat16, device="cuda")
+    out = poisoned(70, 8, head_dim, dtype=torch.bfloat16, device="cuda")
+    ops.paged_attention_prefill(out, query, k_cache, v_cache, cu, lens, tables, head_dim**-0.5)
+    torch.cuda.synchronize()
+    assert out.isfinite().all()

@@ -60,6 +60,7 @@ class StepStaging:
         self.device, self.dtype = device, dtype
         self.host = torch.empty(0, dtype=dtype)
         self.dev = torch.empty(0, dtype=dtype, device=device)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the last copy out of host
 
     def upload(self, values: torch.Tensor) -> torch.Tensor:  # [n] on the host -> [n] on the device
         n = values.numel()
@@ -67,6 +68,12 @@ class StepStaging:
             pin = self.device.type == "cuda"  # (a CPU twin, for tests, needs no pinning)
             self.host = torch.empty(max(n, 2 * self.host.numel()), dtype=self.dtype, pin_memory=pin)
             self.dev = torch.empty(self.host.numel(), dtype=self.dtype, device=self.device)
-        # The previous step's copy has finished: the engine waited for its sampled tokens.
+        # The previous copy may still be reading host: a step that samples nothing (a chunk of a
+        # long prompt) returns without waiting for the device, so wait for that copy alone here.
+        if self.copied is not None:
+            self.copied.synchronize()
         self.host[:n].copy_(values)
-        return self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        dev = self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        return dev

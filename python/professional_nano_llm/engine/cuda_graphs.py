@@ -61,8 +61,9 @@ class DecodeInputs:
         ids[n:num_rows], pos[n:num_rows], slots[n:num_rows], ctx[n:num_rows] = 0, 0, -1, 1
         tables[n:num_rows] = np.int32(-1)
         tables[n:num_rows, 0] = 0
-        if self.device is not self.host:
-            self.device.copy_(self.host, non_blocking=True)
+        if self.device is not self.host:  # the four [max_seqs] fields, then only the tables' used rows
+            used = 4 * self.max_seqs + num_rows * self.max_blocks
+            self.device[:used].copy_(self.host[:used], non_blocking=True)
 
     def views(self, num_rows: int) -> tuple[torch.Tensor, ...]:
         """input_ids, positions, slot_mapping, context_lens [num_rows], block_tables [num_rows, max_blocks]."""

@@ -21,18 +21,20 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 def kv_cache_budget(engine: EngineConfig, cfg: ModelConfig) -> int:
-    """Bytes for the KV cache: on CPU the configured size, else a quarter of free RAM up to 4 GiB;
-    on GPU what gpu_memory_utilization leaves after the weights and a step's activations."""
+    """Bytes for the KV cache: kv_cache_memory_gb when set; else on CPU a quarter of free RAM up to
+    4 GiB, and on GPU what gpu_memory_utilization leaves after the weights and a step's activations
+    and the sampler's working memory."""
+    if engine.kv_cache_memory_gb is not None:
+        return int(engine.kv_cache_memory_gb * (1 << 30))
     if engine.torch_device.type == "cpu":
-        if engine.kv_cache_memory_gb is not None:
-            return int(engine.kv_cache_memory_gb * (1 << 30))
         return min(_CPU_DEFAULT_KV_BYTES, _available_ram() // 4)
     gc.collect()  # an earlier engine's cache, unreachable now, must not count as used
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(engine.torch_device)
     element = torch.finfo(engine.torch_dtype).bits // 8
     per_token = (4 * cfg.intermediate_size + 4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim)
-    activations = engine.max_num_batched_tokens * per_token * element + engine.max_num_seqs * cfg.vocab_size * 8
+    # The sampler holds a few float32/float64 [rows, vocab] tensors at once: about 24 bytes an entry.
+    activations = engine.max_num_batched_tokens * per_token * element + engine.max_num_seqs * cfg.vocab_size * 24
     used = total - free  # the weights and anything else already on the device
     return int(total * engine.gpu_memory_utilization) - used - activations
 

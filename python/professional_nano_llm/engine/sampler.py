@@ -90,24 +90,25 @@ class Sampler:
         if b.top_k is None:
             return _inverse_cdf(probs, b.uniform)
         # The filters keep a prefix of the tokens by descending probability. Sorting the whole
-        # vocabulary every step is the slow part, so they run on the k most likely tokens; a row
-        # whose kept prefix might reach past those k takes the full sort instead (rare: a flat
-        # distribution with top_p close to 1 and no top_k).
+        # vocabulary every step is the slow part, so they run on the k most likely tokens.
         vocab = probs.shape[-1]
         k = min(vocab, max(self.candidates, b.max_top_k))
         top, ids = probs.topk(k, dim=-1)  # sorted, descending
         tokens = _filtered_draw(top, ids, b.top_k, b.top_p, b.min_p, b.uniform)
-        if k == vocab:
-            return tokens
+        sampled = b.temperature > 0
+        # A row that filters nothing draws in vocabulary order, as in a batch where no row filters:
+        # a seeded request's tokens must not depend on its neighbours' parameters.
+        unfiltered = sampled & (b.top_k >= vocab) & (b.top_p >= 1) & (b.min_p <= 0)
+        # A filtered row whose kept prefix might reach past the k candidates takes the full sort
+        # (rare: a flat distribution with top_p close to 1 and no top_k).
         mass = top.cumsum(dim=-1)[:, -1]
-        exact = (b.top_k <= k) | ((b.top_p < 1) & (mass >= b.top_p)) | (top[:, -1] < b.min_p * top[:, 0])
-        if bool(exact.all()):
-            return tokens
-        rows = (~exact).nonzero()[:, 0]
-        unfiltered = (b.top_k[rows] >= vocab) & (b.top_p[rows] >= 1) & (b.min_p[rows] <= 0)
-        if bool(unfiltered.all()):
+        covered = (b.top_k <= k) | ((b.top_p < 1) & (mass >= b.top_p)) | (top[:, -1] < b.min_p * top[:, 0])
+        uncovered = sampled & ~unfiltered & ~covered
+        if bool(unfiltered.any()):
+            rows = unfiltered.nonzero()[:, 0]
             tokens[rows] = _inverse_cdf(probs[rows], b.uniform[rows])
-        else:
+        if bool(uncovered.any()):
+            rows = uncovered.nonzero()[:, 0]
             ranked, order = probs[rows].sort(dim=-1, descending=True)
             tokens[rows] = _filtered_draw(ranked, order, b.top_k[rows], b.top_p[rows], b.min_p[rows], b.uniform[rows])
         return tokens

@@ -42,8 +42,9 @@ cudaError_t silu_and_mul(T* out, const T* in, Rows out_rows, Rows in_rows, int64
   const bool vec = aligned16(in, d, in_rows.inner_stride) && aligned16(in, d, in_rows.outer_stride) &&
                    aligned16(out, d, out_rows.inner_stride) && aligned16(out, d, out_rows.outer_stride);
   const int per_thread = vec ? Vec16<T>::kSize : 1;
-  const dim3 grid(static_cast<unsigned>(out_rows.count),
-                  static_cast<unsigned>(ceil_div(d, int64_t(kThreads) * per_thread)));
+  // gridDim.y is at most 65535; the kernel's loop strides over the rest of a longer row.
+  const int64_t tiles = ceil_div(d, int64_t(kThreads) * per_thread);
+  const dim3 grid(static_cast<unsigned>(out_rows.count), static_cast<unsigned>(tiles < 65535 ? tiles : 65535));
   if (vec) {
     silu_and_mul_kernel<T, Vec16<T>::kSize><<<grid, kThreads, 0, stream>>>(out, in, out_rows, in_rows, d);
   } else {

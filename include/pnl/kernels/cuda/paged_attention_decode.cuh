@@ -338,7 +338,7 @@ __global__ void paged_attention_decode_merge_kernel(const DecodeArgs<T> a, const
   if (tid < 32) {
     const A m = tid < n ? a.part_max[first + tid] : kNegInf;
     const A max_all = warp_max(m);
-    const A w = tid < n ? exp2(m - max_all) : A(0);
+    const A w = tid < n && m != kNegInf ? exp2(m - max_all) : A(0);  // no -inf - -inf: all-empty gives 0
     weight[tid] = w;
     const A sum = warp_sum(tid < n ? w * a.part_sum[first + tid] : A(0));
     if (tid == 0) total = sum;

@@ -129,7 +129,9 @@ __global__ void __launch_bounds__(PrefillMma<T, kHeadDim>::kThreads)
   int next_block = -1;  // thread t's key of the tile whose offsets are written next
   const auto read_block = [&](int kv_tile) {
     const int pos = kv_tile * kBlockN + threadIdx.x;
-    if (threadIdx.x < kBlockN) next_block = pos < kv_end ? table[pos >> block_shift] : -1;
+    // A bad context_lens (past the table's max_blocks) must not read past the table row.
+    const bool in_table = pos < kv_end && (pos >> block_shift) < a.max_blocks;
+    if (threadIdx.x < kBlockN) next_block = in_table ? table[pos >> block_shift] : -1;
   };
   const auto write_rows = [&](int kv_tile) {
     const int pos = kv_tile * kBlockN + threadIdx.x;
@@ -367,7 +369,7 @@ __global__ void __launch_bounds__(kPrefillSimpleWarps * 32)
     const int key = k0 + lane;
     int64_t row = 0;  // element offset of the key's row in either cache
     A score = -INFINITY;
-    if (key < num_keys) {
+    if (key < num_keys && key / a.block_size < a.max_blocks) {  // never past the table row
       const int32_t block = table[key / a.block_size];
       if (block >= 0 && block < a.num_blocks) {
         row = (int64_t(block) * a.block_size + key % a.block_size) * kv_row_stride + kv_head_offset;
@@ -389,7 +391,9 @@ __global__ void __launch_bounds__(kPrefillSimpleWarps * 32)
     const int step_keys = min(32, num_keys - k0);
     for (int j = 0; j < step_keys; ++j) {
       const A p_j = __shfl_sync(0xffffffffu, p, j);
-      const T* v = a.v_cache + __shfl_sync(0xffffffffu, row, j);
+      const int64_t row_j = __shfl_sync(0xffffffffu, row, j);
+      if (p_j == A(0)) continue;  // warp-uniform; a skipped key (bad block id) has no row to read
+      const T* v = a.v_cache + row_j;
 #pragma unroll
       for (int i = 0; i < kDimsPerLane; ++i) {
         const int d = lane + 32 * i;
