@@ -41,9 +41,9 @@ class DecodeInputs:
         self.max_seqs, self.max_blocks = max_seqs, max_blocks
         size = max_seqs * (4 + max_blocks)
         self.host = torch.zeros(size, dtype=torch.int32, pin_memory=device.type == "cuda")
-        self.device = self.host if device.type == "cpu" else torch.zeros(size, dtype=torch.int32, device=device)
+        self.dev = self.host if device.type == "cpu" else torch.zeros(size, dtype=torch.int32, device=device)
         self._host_fields = self._fields(self.host.numpy())
-        self.fields = self._fields(self.device)
+        self.fields = self._fields(self.dev)
 
     def _fields(self, buf):
         n = self.max_seqs
@@ -61,9 +61,9 @@ class DecodeInputs:
         ids[n:num_rows], pos[n:num_rows], slots[n:num_rows], ctx[n:num_rows] = 0, 0, -1, 1
         tables[n:num_rows] = np.int32(-1)
         tables[n:num_rows, 0] = 0
-        if self.device is not self.host:  # the four [max_seqs] fields, then only the tables' used rows
+        if self.dev is not self.host:  # the four [max_seqs] fields, then only the tables' used rows
             used = 4 * self.max_seqs + num_rows * self.max_blocks
-            self.device[:used].copy_(self.host[:used], non_blocking=True)
+            self.dev[:used].copy_(self.host[:used], non_blocking=True)
 
     def views(self, num_rows: int) -> tuple[torch.Tensor, ...]:
         """input_ids, positions, slot_mapping, context_lens [num_rows], block_tables [num_rows, max_blocks]."""
@@ -73,8 +73,8 @@ class DecodeInputs:
 class DecodeGraphs:
     """Captured decode forwards, one per bucket; `forward(ids, pos, slots, ctx, tables)` -> hidden [B, hidden].
 
-    With capture=False the same padded static inputs run eagerly: the CPU tests check the padding
-    this way, and it is the fallback path's shape on any device.
+    With capture=False the padded static inputs run eagerly, which is how the CPU tests check the
+    padding.
     """
 
     def __init__(self, forward: Callable[..., torch.Tensor], max_num_seqs: int, max_blocks: int,
@@ -104,11 +104,11 @@ class DecodeGraphs:
         # Largest first: the smaller graphs then fit in the memory pool the largest one left.
         pool = None
         for rows in reversed(self.sizes):
-            views = self.inputs.views(rows)
-            views[3].fill_(1)  # one token of block 0 per row, as padding rows read
-            views[4].fill_(-1)
-            views[4][:, 0] = 0
-            views[2].fill_(-1)
+            ids, positions, slots, context_lens, tables = views = self.inputs.views(rows)
+            slots.fill_(-1)  # every row is a padding row: no KV stored, one token of block 0 read
+            context_lens.fill_(1)
+            tables.fill_(-1)
+            tables[:, 0] = 0
             self.forward(*views)  # warm-up outside the graph: lazy initialisation, autotuning
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):

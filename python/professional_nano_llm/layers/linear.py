@@ -14,6 +14,8 @@ _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkld
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] weight -> the layout `linear` runs fastest on this device (a oneDNN tensor on CPU)."""
+    if weight.is_mkldnn:
+        return weight  # already packed
     if _ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
         return torch.ops.mkldnn._reorder_linear_weight(weight)
     return weight
