@@ -161,6 +161,18 @@ bool rows_aligned16(const T* p, const Rows& rows, int64_t row_len) {
   return aligned16(p, row_len, rows.inner_stride) && aligned16(p, row_len, rows.outer_stride);
 }
 
+/// Runs launch.template operator()<kVec, kBlockRow>() for the kernel variant that fits: 16-byte
+/// vectors when `vec`, and a lane group per row (l.group > 0) or a whole block per row.
+template <typename T, typename Launch>
+void launch_norm_variant(bool vec, const NormLaunch& l, Launch&& launch) {
+  constexpr int kV = Vec16<T>::kSize;
+  if (vec) {
+    l.group > 0 ? launch.template operator()<kV, false>() : launch.template operator()<kV, true>();
+  } else {
+    l.group > 0 ? launch.template operator()<1, false>() : launch.template operator()<1, true>();
+  }
+}
+
 template <typename T>
 cudaError_t rms_norm(T* out, const T* in, const T* weight, Rows out_rows, Rows in_rows, int64_t hidden, double eps,
                      cudaStream_t stream) {
@@ -168,20 +180,10 @@ cudaError_t rms_norm(T* out, const T* in, const T* weight, Rows out_rows, Rows i
   const bool vec =
       rows_aligned16(in, in_rows, hidden) && rows_aligned16(out, out_rows, hidden) && aligned16(weight, hidden);
   const NormLaunch l = norm_launch(in_rows.count, hidden, vec ? Vec16<T>::kSize : 1);
-  auto launch = [&]<int kVec>() {
-    if (l.group > 0) {
-      rms_norm_kernel<T, kVec, false>
-          <<<l.blocks, l.threads, 0, stream>>>(out, in, weight, out_rows, in_rows, hidden, eps, l.group);
-    } else {
-      rms_norm_kernel<T, kVec, true>
-          <<<l.blocks, l.threads, 0, stream>>>(out, in, weight, out_rows, in_rows, hidden, eps, l.group);
-    }
-  };
-  if (vec) {
-    launch.template operator()<Vec16<T>::kSize>();
-  } else {
-    launch.template operator()<1>();
-  }
+  launch_norm_variant<T>(vec, l, [&]<int kVec, bool kBlockRow>() {
+    rms_norm_kernel<T, kVec, kBlockRow>
+        <<<l.blocks, l.threads, 0, stream>>>(out, in, weight, out_rows, in_rows, hidden, eps, l.group);
+  });
   return cudaGetLastError();
 }
 
@@ -192,20 +194,10 @@ cudaError_t fused_add_rms_norm(T* x, T* residual, const T* weight, Rows x_rows, 
   const bool vec =
       rows_aligned16(x, x_rows, hidden) && rows_aligned16(residual, res_rows, hidden) && aligned16(weight, hidden);
   const NormLaunch l = norm_launch(x_rows.count, hidden, vec ? Vec16<T>::kSize : 1);
-  auto launch = [&]<int kVec>() {
-    if (l.group > 0) {
-      fused_add_rms_norm_kernel<T, kVec, false>
-          <<<l.blocks, l.threads, 0, stream>>>(x, residual, weight, x_rows, res_rows, hidden, eps, l.group);
-    } else {
-      fused_add_rms_norm_kernel<T, kVec, true>
-          <<<l.blocks, l.threads, 0, stream>>>(x, residual, weight, x_rows, res_rows, hidden, eps, l.group);
-    }
-  };
-  if (vec) {
-    launch.template operator()<Vec16<T>::kSize>();
-  } else {
-    launch.template operator()<1>();
-  }
+  launch_norm_variant<T>(vec, l, [&]<int kVec, bool kBlockRow>() {
+    fused_add_rms_norm_kernel<T, kVec, kBlockRow>
+        <<<l.blocks, l.threads, 0, stream>>>(x, residual, weight, x_rows, res_rows, hidden, eps, l.group);
+  });
   return cudaGetLastError();
 }
 
