@@ -33,6 +33,9 @@ TORCH_LIBRARY(pnl, m) {
   m.def("qk_norm_rope_store(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor q_weight, "
         "Tensor k_weight, float eps, Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, "
         "Tensor slot_mapping) -> ()");
+  // out [M, N] = input [M, K] W^T + bias [N]. W arrives packed as weight [N / 16, K, 16]: block b
+  // holds features [16 b, 16 b + 16) side by side for each k (ops.pack_linear_weight).
+  m.def("linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   // out = silu(input[..., :d]) * input[..., d:]. input [..., 2 * d], out [..., d].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
 }

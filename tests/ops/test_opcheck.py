@@ -64,6 +64,12 @@ def cases(device):
             slots,
         ),
         "silu_and_mul": (torch.empty(5, 48, **f32), x),
+        "linear": (
+            torch.empty(5, 32, **f32),
+            x,
+            torch.randn(2, 96, 16, **f32),
+            torch.randn(32, **f32),
+        ),
     }
 
 

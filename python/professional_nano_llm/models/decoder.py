@@ -103,7 +103,7 @@ class CausalLM(nn.Module):
                 module.prepack()
         if self.lm_head is None:
             packed = prepack_weight(self.model.embed_tokens.weight)
-            self.tied_lm_weight = packed if packed.is_mkldnn else None
+            self.tied_lm_weight = packed if packed is not self.model.embed_tokens.weight else None
 
     @torch.inference_mode()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor, str]]) -> None:

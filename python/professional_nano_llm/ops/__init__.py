@@ -70,6 +70,24 @@ def qk_norm_rope_store(
     )
 
 
+LINEAR_BLOCK = 16  # output features per block of a packed linear weight
+
+
+def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> the layout `linear` reads, [N / 16, K, 16]: block b holds features
+    [16 b, 16 b + 16), their 16 weights side by side for each k. N must be a multiple of 16."""
+    n, k = weight.shape
+    if n % LINEAR_BLOCK:
+        raise ValueError(f"pack_linear_weight needs out_features divisible by {LINEAR_BLOCK}, got {n}")
+    return weight.view(n // LINEAR_BLOCK, LINEAR_BLOCK, k).transpose(1, 2).contiguous()
+
+
+def linear(out, x, weight, bias=None) -> None:
+    """out = x @ W^T + bias with W packed by pack_linear_weight. x [M, K]; weight [N / 16, K, 16];
+    bias [N] or None; out [M, N]."""
+    _ops.linear(out, x, weight, bias)
+
+
 def silu_and_mul(out, x) -> None:
     """out = silu(x[..., :d]) * x[..., d:]. x [..., 2 * d]; out [..., d]."""
     _ops.silu_and_mul(out, x)
@@ -85,5 +103,6 @@ for _name in (
     "rotary_embedding",
     "qk_norm_rope_store",
     "silu_and_mul",
+    "linear",
 ):
     torch.library.register_fake(f"pnl::{_name}")(lambda *args, **kwargs: None)

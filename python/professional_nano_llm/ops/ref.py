@@ -114,3 +114,11 @@ def silu_and_mul(x):
     """silu(x[..., :d]) * x[..., d:] for x [..., 2 * d]."""
     gate, up = _acc(x).chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def linear(x, packed_weight, bias=None):
+    """x [M, K] @ W^T (+ bias [N]) for packed_weight [N / 16, K, 16], unpacked here independently
+    of ops.pack_linear_weight."""
+    blocks, k, width = packed_weight.shape
+    weight = packed_weight.permute(0, 2, 1).reshape(blocks * width, k)  # [N, K]
+    return F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))

@@ -1,0 +1,132 @@
+// y = x W^T + b on the CPU, over a weight packed in blocks of kLinearBlock output features.
+// Torch-free; T is float, double, c10::Half or c10::BFloat16, and sums are in Acc = acc_t<T>.
+//
+// Packed layout: W [N, K] becomes [N / 16, K, 16], block b holding features [16 b, 16 b + 16)
+// with, for each k, their 16 weights side by side. A register tile of RM rows of x and RN blocks
+// then runs along k as RN vector loads, RM broadcasts and RM x RN vector FMAs, with no horizontal
+// sums; each block is read front to back, so one row (decoding) streams the weight at close to
+// memory speed. Measured on a 2-core Zen 4 over SmolLM2's layers: 30-40 GB/s at M = 1 where
+// oneDNN's prepacked weight gives 16, and 180-210 GFLOP/s at M >= 32 where it gives 90-190.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "pnl/kernels/cpu/common.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace pnl::kernels::cpu {
+
+/// Output features per packed block: one 64-byte vector of fp32.
+inline constexpr int64_t kLinearBlock = 16;
+
+template <typename Acc>
+using LinearVec = Vec<Acc, kLinearBlock>;
+
+/// The 16 weights of one block at one k, widened to Acc.
+template <typename Acc, typename T>
+inline LinearVec<Acc> load_block(const T* __restrict p) {  // p [16]
+  if constexpr (std::is_same_v<T, Acc>) {
+    return load_vec<LinearVec<Acc>>(p);
+  } else {
+    LinearVec<Acc> v;
+    for (int l = 0; l < kLinearBlock; ++l) v[l] = static_cast<Acc>(p[l]);
+    return v;
+  }
+}
+
+/// y[RM, RN * 16] = x[RM, k] W^T (+ bias) for RN consecutive packed blocks starting at w.
+/// The RM x RN sums live in registers: 8 x 3 or 4 x 4 of them fill AVX-512's 32 with the loads.
+template <typename T, int RM, int RN>
+inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 16], rows y_stride apart
+                        const T* __restrict x, int64_t x_stride,  // [RM, k], rows x_stride apart
+                        const T* __restrict w,                    // [RN, k, 16]: packed blocks
+                        const T* __restrict bias,                 // [RN * 16], or null
+                        int64_t k) {
+  using Acc = acc_t<T>;
+  using V = LinearVec<Acc>;
+  V acc[RM][RN];
+#pragma GCC unroll 8
+  for (int i = 0; i < RM; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < RN; ++j) acc[i][j] = V{};
+  }
+  const int64_t block_stride = k * kLinearBlock;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    V wv[RN];
+#pragma GCC unroll 4
+    for (int j = 0; j < RN; ++j) wv[j] = load_block<Acc>(w + j * block_stride + kk * kLinearBlock);
+#pragma GCC unroll 8
+    for (int i = 0; i < RM; ++i) {
+      const Acc xi = static_cast<Acc>(x[i * x_stride + kk]);
+#pragma GCC unroll 4
+      for (int j = 0; j < RN; ++j) acc[i][j] += xi * wv[j];
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < RN; ++j) {
+    const V b = bias == nullptr ? V{} : load_block<Acc>(bias + j * kLinearBlock);
+#pragma GCC unroll 8
+    for (int i = 0; i < RM; ++i) {
+      const V out = acc[i][j] + b;
+      T* __restrict dst = y + i * y_stride + j * kLinearBlock;
+      if constexpr (std::is_same_v<T, Acc>) {
+        store_vec(dst, out);
+      } else {
+        for (int l = 0; l < kLinearBlock; ++l) dst[l] = static_cast<T>(out[l]);
+      }
+    }
+  }
+}
+
+/// One register tile of the last `rows` (< R + 1) rows: the tile of exactly that height.
+template <typename T, int R, int RN>
+inline void linear_tail(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
+                        int64_t rows) {
+  if constexpr (R >= 1) {
+    if (rows == R) {
+      linear_tile<T, R, RN>(y, y_stride, x, x_stride, w, bias, k);
+    } else {
+      linear_tail<T, R - 1, RN>(y, y_stride, x, x_stride, w, bias, k, rows);
+    }
+  }
+}
+
+/// All `rows` rows of x against RN blocks: tiles of RM rows, then one tile of the rest.
+template <typename T, int RM, int RN>
+void linear_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
+                 int64_t rows) {
+  int64_t i = 0;
+  for (; i + RM <= rows; i += RM) {
+    linear_tile<T, RM, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k);
+  }
+  linear_tail<T, RM - 1, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, rows - i);
+}
+
+/// Panel p of the output, blocks [p RN, p RN + RN) (fewer in the last panel), for all rows of x.
+template <typename T, int RM, int RN>
+void linear_panel(T* y, int64_t y_stride,        // [rows, num_blocks * 16]
+                  const T* x, int64_t x_stride,  // [rows, k]
+                  const T* w,                    // [num_blocks, k, 16]
+                  const T* bias,                 // [num_blocks * 16], or null
+                  int64_t k, int64_t rows, int64_t num_blocks, int64_t p) {
+  const int64_t b0 = p * RN;
+  const int64_t blocks = b0 + RN <= num_blocks ? RN : num_blocks - b0;
+  for (int64_t b = b0; b < b0 + blocks; b += (blocks == RN ? RN : 1)) {
+    T* yb = y + b * kLinearBlock;
+    const T* wb = w + b * k * kLinearBlock;
+    const T* bb = bias == nullptr ? nullptr : bias + b * kLinearBlock;
+    if (blocks == RN) {
+      linear_rows<T, RM, RN>(yb, y_stride, x, x_stride, wb, bb, k, rows);
+    } else {
+      linear_rows<T, RM, 1>(yb, y_stride, x, x_stride, wb, bb, k, rows);
+    }
+  }
+}
+
+}  // namespace pnl::kernels::cpu
+
+#pragma GCC diagnostic pop
