@@ -9,9 +9,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "ops/paged_attention.h"
+#include "pnl/kernels/cpu/decode_tile.h"
 #include "pnl/kernels/cpu/paged_attention.h"
 
 namespace pnl::ops {
@@ -71,13 +73,25 @@ kernels::cpu::PagedKv<T> paged_kv(const at::Tensor& k_cache, const at::Tensor& v
           kv_head};
 }
 
-/// The decode work items on tiles of W rows side by side, then the merge of split sequences.
-template <typename T, int W>
+/// Calls run(std::type_identity<Tile>{}) with the decode tile for `group` heads per KV head: a
+/// small group vectorises along head_dim (DecodeTile), a large one fills the lanes with heads.
+template <typename Acc, int G = 1, typename Run>
+void with_decode_tile(int64_t group, const Run& run) {
+  if constexpr (G > kernels::cpu::kMaxDecodeGroup) {
+    run(std::type_identity<kernels::cpu::AttentionTile<Acc, kernels::cpu::kWideRows>>{});
+  } else if (group == G) {
+    run(std::type_identity<kernels::cpu::DecodeTile<Acc, G>>{});
+  } else {
+    with_decode_tile<Acc, G + 1>(group, run);
+  }
+}
+
+/// The decode work items on one kind of tile, then the merge of split sequences.
+template <typename T, typename Tile>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& context_lens, const at::Tensor& block_tables, const AttentionShape& shape,
             std::vector<WorkItem>& items, int64_t max_parts, double scale) {
   using Acc = kernels::cpu::acc_t<T>;
-  using Tile = kernels::cpu::AttentionTile<Acc, W>;
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const T* q = query.data_ptr<T>();
   T* o = out.data_ptr<T>();
@@ -197,12 +211,10 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query, const 
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_decode_cpu", [&] {
-    constexpr int kWide = kernels::cpu::kWideRows;
-    if (group <= 8) {  // one GQA group per tile: 8 rows side by side waste fewer lanes than 16
-      decode<scalar_t, 8>(out, query, k_cache, v_cache, context_lens, block_tables, shape, items, max_parts, scale);
-    } else {
-      decode<scalar_t, kWide>(out, query, k_cache, v_cache, context_lens, block_tables, shape, items, max_parts, scale);
-    }
+    with_decode_tile<kernels::cpu::acc_t<scalar_t>>(group, [&](auto tile) {
+      decode<scalar_t, typename decltype(tile)::type>(out, query, k_cache, v_cache, context_lens, block_tables, shape,
+                                                      items, max_parts, scale);
+    });
   });
 }
 

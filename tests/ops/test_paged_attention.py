@@ -267,3 +267,10 @@ def test_paged_attention_full_table(device):
     for context in (32, 64, 256):
         run_prefill([context], [context], (4, 2, 64), 16, torch.float32, device)
         run_decode([context], (4, 2, 64), 16, torch.float32, device)
+
+
+@pytest.mark.parametrize("group", range(1, 10))
+def test_paged_attention_decode_every_group(group):
+    """Each GQA group size of the CPU's head_dim-vectorised decode tiles (1-8) and the first beyond
+    them, at a head_dim (72) that leaves a tail after the SIMD vectors."""
+    run_decode([1, 40, 257, 600], (2 * group, 2, 72), 16, torch.float32, "cpu")
