@@ -1,7 +1,8 @@
 // CPU adapters of paged_attention_prefill and paged_attention_decode: checks, dtype dispatch, and
-// the work split. Work items are (sequence, KV head, query tile) for prefill and (sequence, KV
-// head, context partition) for decode; they are handed out costliest first to the threads of
-// at::parallel_for, one at a time, so a long causal tile never finishes alone at the end.
+// the work split. Work items are (sequence, KV head, query tile) for prefill and (sequence,
+// context partition) for decode, with all heads, or one KV head's for groups above 8; they are
+// handed out costliest first to the threads of at::parallel_for, one at a time, so a long causal
+// tile never finishes alone at the end.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -19,7 +20,7 @@
 namespace pnl::ops {
 namespace {
 
-/// Keys per decode partition: a sequence longer than this is split, and the parts merged.
+/// Keys per decode partition, at most: a longer sequence is split, and the parts merged.
 constexpr int64_t kDecodePartition = 256;
 
 struct WorkItem {
@@ -73,8 +74,8 @@ kernels::cpu::PagedKv<T> paged_kv(const at::Tensor& k_cache, const at::Tensor& v
           kv_head};
 }
 
-/// Calls run(std::type_identity<Tile>{}) with the decode tile for `group` heads per KV head: a
-/// small group vectorises along head_dim (DecodeTile), a large one fills the lanes with heads.
+/// Calls run(std::type_identity<Tile>{}) with the decode tile for `group` query heads per KV head:
+/// a small group vectorises along head_dim (DecodeTile), a large one fills the lanes with heads.
 template <typename Acc, int G = 1, typename Run>
 void with_decode_tile(int64_t group, const Run& run) {
   if constexpr (G > kernels::cpu::kMaxDecodeGroup) {
@@ -86,17 +87,49 @@ void with_decode_tile(int64_t group, const Run& run) {
   }
 }
 
-/// The decode work items on one kind of tile, then the merge of split sequences.
+template <typename Tile>
+inline constexpr bool kWholeSequence = false;  // a tile per KV head (AttentionTile)
+template <typename Acc, int G>
+inline constexpr bool kWholeSequence<kernels::cpu::DecodeTile<Acc, G>> = true;  // a tile per sequence
+
+/// Keys per decode partition: kDecodePartition, halved (down to one key tile) while there are
+/// fewer work items than threads, so a lone sequence still spreads over them.
+int64_t decode_partition_keys(const int32_t* lens, int64_t num_seqs, int64_t items_per_part) {
+  const int64_t wanted = at::get_num_threads();
+  int64_t keys = kDecodePartition;
+  for (; keys > kernels::cpu::kKeyTile; keys /= 2) {
+    int64_t items = 0;
+    for (int64_t s = 0; s < num_seqs && items < wanted; ++s) items += (lens[s] + keys - 1) / keys * items_per_part;
+    if (items >= wanted) break;
+  }
+  return keys;
+}
+
+/// The decode work items on tiles of type Tile, then the merge of split sequences. An item is a
+/// partition of one sequence's keys, for all its heads (DecodeTile) or one KV head's (AttentionTile).
 template <typename T, typename Tile>
 void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& context_lens, const at::Tensor& block_tables, const AttentionShape& shape,
-            std::vector<WorkItem>& items, int64_t max_parts, double scale) {
+            double scale) {
   using Acc = kernels::cpu::acc_t<T>;
+  constexpr bool kWhole = kWholeSequence<Tile>;
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const T* q = query.data_ptr<T>();
   T* o = out.data_ptr<T>();
   const int64_t num_seqs = context_lens.size(0), num_heads = shape.num_heads, head_dim = shape.head_dim;
   const int64_t group = num_heads / shape.num_kv_heads;
+  const int64_t heads_per_item = kWhole ? 1 : shape.num_kv_heads;  // items per partition
+  const int64_t part_keys = decode_partition_keys(lens, num_seqs, heads_per_item);
+
+  int64_t max_parts = 1;
+  std::vector<WorkItem> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    max_parts = std::max<int64_t>(max_parts, (lens[s] + part_keys - 1) / part_keys);
+    for (int64_t k0 = 0; k0 < lens[s]; k0 += part_keys) {
+      const int64_t k1 = std::min<int64_t>(lens[s], k0 + part_keys);
+      for (int64_t h = 0; h < heads_per_item; ++h) items.push_back({s, h, k0, k1, k1 - k0});
+    }
+  }
   // Partial results of split sequences: [S, H, max_parts] maxima and sums, [S, H, max_parts, D] outputs.
   std::vector<Acc> part_max, part_sum, part_out;
   if (max_parts > 1) {
@@ -105,25 +138,33 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
     part_out.resize(part_max.size() * head_dim);
   }
   run_work_items(
-      items, [&] { return Tile(group, head_dim); },
+      items, [&] { return kWhole ? Tile(shape.num_kv_heads, head_dim) : Tile(group, head_dim); },
       [&](Tile& tile, const WorkItem& item) {
         const int64_t s = item.seq;
-        kernels::cpu::paged_attention_decode_partition(
-            tile, q + s * query.stride(0), query.stride(1),
-            paged_kv<T>(k_cache, v_cache, block_tables, shape, s, item.kv_head), group, lens[s], item.begin,
-            item.end, static_cast<Acc>(scale));
-        const bool whole = lens[s] <= kDecodePartition;
-        const int64_t part = item.begin / kDecodePartition;
-        for (int64_t g = 0; g < group; ++g) {
-          const int64_t h = item.kv_head * group + g;
+        const T* q_seq = q + s * query.stride(0);
+        if constexpr (kWhole) {  // token rows [Hkv * D] as one wide head
+          const kernels::cpu::PagedKv<T> tokens{k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+                                                block_tables.data_ptr<int32_t>() + s * shape.max_blocks,
+                                                shape.block_size, 1, shape.num_kv_heads * head_dim, 0};
+          tile.attend(tokens, q_seq, query.stride(1), static_cast<Acc>(scale), item.begin, item.end);
+        } else {
+          kernels::cpu::paged_attention_decode_partition(
+              tile, q_seq, query.stride(1), paged_kv<T>(k_cache, v_cache, block_tables, shape, s, item.kv_head), group,
+              lens[s], item.begin, item.end, static_cast<Acc>(scale));
+        }
+        const bool whole = lens[s] <= part_keys;
+        const int64_t part = item.begin / part_keys;
+        const int64_t first_head = kWhole ? 0 : item.kv_head * group;
+        for (int64_t r = 0; r < (kWhole ? num_heads : group); ++r) {
+          const int64_t h = first_head + r;
           if (whole) {
-            tile.store_row(g, o + s * out.stride(0) + h * out.stride(1));
+            tile.store_row(r, o + s * out.stride(0) + h * out.stride(1));
             continue;
           }
           const int64_t p = (s * num_heads + h) * max_parts + part;
-          part_max[p] = tile.row_max(g);
-          part_sum[p] = tile.row_sum(g);
-          std::copy(tile.row_out(g), tile.row_out(g) + head_dim, part_out.begin() + p * head_dim);
+          part_max[p] = tile.row_max(r);
+          part_sum[p] = tile.row_sum(r);
+          std::copy(tile.row_out(r), tile.row_out(r) + head_dim, part_out.begin() + p * head_dim);
         }
       });
   if (max_parts == 1) return;
@@ -131,11 +172,11 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
     std::vector<Acc> scratch(head_dim);
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / num_heads, h = sh % num_heads;
-      if (lens[s] <= kDecodePartition) continue;  // written directly
+      if (lens[s] <= part_keys) continue;  // written directly
       const int64_t p = sh * max_parts;
       kernels::cpu::merge_partitions(o + s * out.stride(0) + h * out.stride(1), part_max.data() + p,
                                      part_sum.data() + p, part_out.data() + p * head_dim, scratch.data(),
-                                     (lens[s] + kDecodePartition - 1) / kDecodePartition, head_dim);
+                                     (lens[s] + part_keys - 1) / part_keys, head_dim);
     }
   });
 }
@@ -198,22 +239,14 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query, const 
   const int64_t num_seqs = context_lens.size(0);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
 
-  const int64_t group = shape.num_heads / shape.num_kv_heads;
-  int64_t max_parts = 1;
-  std::vector<WorkItem> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
     TORCH_CHECK(lens[s] >= 1, "context_lens[", s, "] = ", lens[s], ": a decoding sequence has at least one token");
-    max_parts = std::max<int64_t>(max_parts, (lens[s] + kDecodePartition - 1) / kDecodePartition);
-    for (int64_t k0 = 0; k0 < lens[s]; k0 += kDecodePartition) {
-      const int64_t k1 = std::min<int64_t>(lens[s], k0 + kDecodePartition);
-      for (int64_t h = 0; h < shape.num_kv_heads; ++h) items.push_back({s, h, k0, k1, k1 - k0});
-    }
   }
-
+  const int64_t group = shape.num_heads / shape.num_kv_heads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_attention_decode_cpu", [&] {
     with_decode_tile<kernels::cpu::acc_t<scalar_t>>(group, [&](auto tile) {
       decode<scalar_t, typename decltype(tile)::type>(out, query, k_cache, v_cache, context_lens, block_tables, shape,
-                                                      items, max_parts, scale);
+                                                      scale);
     });
   });
 }
