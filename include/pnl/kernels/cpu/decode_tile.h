@@ -156,19 +156,31 @@ class DecodeTile {
   }
 
   /// Online softmax over the tile's n keys: scores become exp(score - new max), and alpha_
-  /// = exp(old max - new max) rescales the old sums (0 on a head's first keys).
+  /// = exp(old max - new max) rescales the old sums (0 on a head's first keys). The max and the
+  /// sum keep kLanes partial results (see common.h), so all three loops vectorise.
   void softmax(int64_t n) {
+    constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
     for (int64_t r = 0; r < rows_; ++r) {
       Acc* __restrict s = scores_.data() + r * kKeyTile;
-      Acc new_max = max_[r];
-      for (int64_t j = 0; j < n; ++j) new_max = s[j] > new_max ? s[j] : new_max;
-      // 0 while the head has seen only -inf scores, so no -inf - -inf
-      const Acc base = new_max == -std::numeric_limits<Acc>::infinity() ? Acc(0) : new_max;
-      Acc total = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = exp_approx(s[j] - base);
-        total += s[j];
+      Acc lane_max[kLanes];
+      for (int l = 0; l < kLanes; ++l) lane_max[l] = kNegInf;
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lane_max[l] = s[j + l] > lane_max[l] ? s[j + l] : lane_max[l];
       }
+      for (; j < n; ++j) lane_max[0] = s[j] > lane_max[0] ? s[j] : lane_max[0];
+      Acc new_max = max_[r];
+      for (int l = 0; l < kLanes; ++l) new_max = lane_max[l] > new_max ? lane_max[l] : new_max;
+      // 0 while the head has seen only -inf scores, so no -inf - -inf
+      const Acc base = new_max == kNegInf ? Acc(0) : new_max;
+      for (j = 0; j < n; ++j) s[j] = exp_approx(s[j] - base);
+      Acc lane_sum[kLanes] = {};
+      for (j = 0; j + kLanes <= n; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) lane_sum[l] += s[j + l];
+      }
+      for (; j < n; ++j) lane_sum[0] += s[j];
+      Acc total = 0;
+      for (int l = 0; l < kLanes; ++l) total += lane_sum[l];
       alpha_[r] = exp_approx(max_[r] - base);  // exp(-inf) = 0 on the first tile
       sum_[r] = sum_[r] * alpha_[r] + total;
       max_[r] = new_max;
