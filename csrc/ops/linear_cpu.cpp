@@ -9,7 +9,8 @@
 namespace pnl::ops {
 namespace {
 
-/// Rows of x per work item: one item's rows of x stay in L2 while its panel of W is reused.
+/// Rows of x per work item: bounds what one item sweeps per panel of W (256 x 576 fp32 rows are
+/// 590 KB, within a Zen 4 core's L2), and gives a long prefill several items per panel.
 constexpr int64_t kRowChunk = 256;
 
 /// Work items are (row chunk, panel of RN blocks), split evenly over at::parallel_for's threads;

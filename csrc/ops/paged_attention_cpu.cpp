@@ -118,8 +118,8 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   T* o = out.data_ptr<T>();
   const int64_t num_seqs = context_lens.size(0), num_heads = shape.num_heads, head_dim = shape.head_dim;
   const int64_t group = num_heads / shape.num_kv_heads;
-  const int64_t heads_per_item = kWhole ? 1 : shape.num_kv_heads;  // items per partition
-  const int64_t part_keys = decode_partition_keys(lens, num_seqs, heads_per_item);
+  const int64_t items_per_part = kWhole ? 1 : shape.num_kv_heads;
+  const int64_t part_keys = decode_partition_keys(lens, num_seqs, items_per_part);
 
   int64_t max_parts = 1;
   std::vector<WorkItem> items;
@@ -127,7 +127,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
     max_parts = std::max<int64_t>(max_parts, (lens[s] + part_keys - 1) / part_keys);
     for (int64_t k0 = 0; k0 < lens[s]; k0 += part_keys) {
       const int64_t k1 = std::min<int64_t>(lens[s], k0 + part_keys);
-      for (int64_t h = 0; h < heads_per_item; ++h) items.push_back({s, h, k0, k1, k1 - k0});
+      for (int64_t h = 0; h < items_per_part; ++h) items.push_back({s, h, k0, k1, k1 - k0});
     }
   }
   // Partial results of split sequences: [S, H, max_parts] maxima and sums, [S, H, max_parts, D] outputs.
