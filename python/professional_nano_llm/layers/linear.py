@@ -36,12 +36,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the models' [T, in] needs no reshape
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = rows.new_empty(rows.shape[0], weight.shape[0] * ops.LINEAR_BLOCK)
+    out = torch.empty(rows.shape[0], weight.shape[0] * ops.LINEAR_BLOCK, dtype=x.dtype, device=x.device)
     ops.linear(out, rows, weight, bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
