@@ -101,10 +101,10 @@ void prefetch_kv(const PagedKv<T>& kv, int64_t begin, int64_t end) {
 }
 
 /// The working set of up to max_rows query rows of one KV head: transposed scaled queries,
-/// online-softmax state, and one key tile's K/V rows and scores. W (8 or kWideRows) is how many
-/// rows sit side by side in the score and softmax loops: 8 suits a lone GQA group (decode),
-/// kWideRows a prefill tile.
-/// Allocated once per thread and reused.
+/// online-softmax state, and one key tile's K/V rows and scores. W (kWideRows in use) is how many
+/// rows sit side by side in the score and softmax loops: a prefill tile's tokens times its GQA
+/// group, or a decoding token's group when that is above kMaxDecodeGroup (decode_tile.h takes the
+/// smaller ones). Allocated once per thread and reused.
 template <typename Acc, int W>
 class AttentionTile {
  public:
