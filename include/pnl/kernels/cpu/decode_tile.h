@@ -79,11 +79,9 @@ class DecodeTile {
     std::fill(max_.begin(), max_.end(), -std::numeric_limits<Acc>::infinity());
     std::fill(sum_.begin(), sum_.end(), Acc(0));
     std::fill(out_.begin(), out_.end(), Acc(0));
-    prefetch_kv(tokens, key_begin, std::min(key_begin + kPrefetchTiles * kKeyTile, key_end));
     for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
       const int64_t n = std::min(kKeyTile, key_end - k0);
-      const int64_t ahead = k0 + kPrefetchTiles * kKeyTile;
-      prefetch_kv(tokens, ahead, std::min(ahead + kKeyTile, key_end));
+      prefetch_kv(tokens, k0 + kKeyTile, std::min(k0 + 2 * kKeyTile, key_end));  // the next tile
       gather(tokens, k0, n);
       scores(n);
       softmax(n);

@@ -33,8 +33,6 @@ namespace pnl::kernels::cpu {
 
 /// Keys per tile of the online softmax.
 inline constexpr int64_t kKeyTile = 32;
-/// Key tiles requested ahead of the one being computed.
-inline constexpr int64_t kPrefetchTiles = 2;
 /// Keys per register tile of the score loop.
 inline constexpr int64_t kKeyBlock = 8;
 /// Query rows per register tile of the output loop.
@@ -147,11 +145,9 @@ class AttentionTile {
   /// key_end.
   template <typename T>
   void attend(const PagedKv<T>& kv, int64_t key_begin, int64_t key_end) {
-    prefetch_kv(kv, key_begin, std::min(key_begin + kPrefetchTiles * kKeyTile, key_end));
     for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
       const int64_t n = std::min(kKeyTile, key_end - k0);
-      const int64_t ahead = k0 + kPrefetchTiles * kKeyTile;
-      prefetch_kv(kv, ahead, std::min(ahead + kKeyTile, key_end));
+      prefetch_kv(kv, k0 + kKeyTile, std::min(k0 + 2 * kKeyTile, key_end));  // the next tile
       gather(kv, k0, n);
       for (int64_t r = 0; r < padded_; ++r) valid_[r] = std::clamp<int64_t>(key_end_[r] - k0, 0, n);
       scores(round_up(n, kKeyBlock));
