@@ -115,3 +115,9 @@ def test_unpackable_weight_keeps_f_linear():
     layer.prepack()
     assert layer.weight.shape == (20, 8)
     torch.testing.assert_close(linear(x, layer.weight, layer.bias), expected)
+
+
+def test_pack_strided_weight():
+    """A non-contiguous [N, K] weight (a transposed view) packs like its contiguous copy."""
+    weight = torch.randn(24, 32).t()  # [32, 24], strides (1, 32)
+    assert torch.equal(ops.pack_linear_weight(weight), ops.pack_linear_weight(weight.contiguous()))

@@ -79,7 +79,7 @@ def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     n, k = weight.shape
     if n % LINEAR_BLOCK:
         raise ValueError(f"pack_linear_weight needs out_features divisible by {LINEAR_BLOCK}, got {n}")
-    return weight.view(n // LINEAR_BLOCK, LINEAR_BLOCK, k).transpose(1, 2).contiguous()
+    return weight.reshape(n // LINEAR_BLOCK, LINEAR_BLOCK, k).transpose(1, 2).contiguous()
 
 
 def linear(out, x, weight, bias=None) -> None:
