@@ -95,37 +95,18 @@ class DecodeTile {
 
   /// out = the normalised output of query head r.
   template <typename T>
-  void store_row(int64_t r, T* __restrict out) const {  // out [head_dim]
-    const Acc inv_sum = sum_[r] > 0 ? Acc(1) / sum_[r] : Acc(0);
-    const Acc* __restrict acc = row_out(r);
-    for (int64_t d = 0; d < head_dim_; ++d) out[d] = static_cast<T>(acc[d] * inv_sum);
+  void store_row(int64_t r, T* out) const {  // out [head_dim]
+    store_normalised(out, row_out(r), sum_[r], head_dim_);
   }
 
  private:
   using V = Vec<Acc, kLanes>;
 
-  /// Points k_rows_ / v_rows_ at the Acc rows of positions [k0, k0 + n): straight into the cache
-  /// when T is Acc, else converted into k_buf_ / v_buf_.
+  /// Points k_rows_ / v_rows_ at the whole token rows [num_kv_heads * head_dim] of positions
+  /// [k0, k0 + n).
   template <typename T>
   void gather(const PagedKv<T>& kv, int64_t k0, int64_t n) {
-    const int64_t dim = kv_heads_ * head_dim_;  // a whole token row
-    int64_t offsets[kKeyTile];
-    kv.offsets(k0, n, offsets);
-    for (int64_t j = 0; j < n; ++j) {
-      if constexpr (std::is_same_v<T, Acc>) {
-        k_rows_[j] = kv.k_cache + offsets[j];
-        v_rows_[j] = kv.v_cache + offsets[j];
-      } else {
-        const T* __restrict k = kv.k_cache + offsets[j];
-        const T* __restrict v = kv.v_cache + offsets[j];
-        Acc* __restrict k_acc = k_buf_.data() + j * dim;
-        Acc* __restrict v_acc = v_buf_.data() + j * dim;
-        for (int64_t d = 0; d < dim; ++d) k_acc[d] = static_cast<Acc>(k[d]);
-        for (int64_t d = 0; d < dim; ++d) v_acc[d] = static_cast<Acc>(v[d]);
-        k_rows_[j] = k_acc;
-        v_rows_[j] = v_acc;
-      }
-    }
+    gather_kv_rows(kv, k0, n, kv_heads_ * head_dim_, k_buf_.data(), v_buf_.data(), k_rows_, v_rows_);
   }
 
   /// scores_[r][j] = q_r . k_j, kLanes dims per FMA, one horizontal sum per head and key.

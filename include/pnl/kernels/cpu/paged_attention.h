@@ -98,6 +98,37 @@ void prefetch_kv(const PagedKv<T>& kv, int64_t begin, int64_t end) {
   }
 }
 
+/// Points k_rows / v_rows at the Acc rows [width] of positions [k0, k0 + n): straight into the
+/// cache when T is Acc, else converted into k_buf / v_buf [kKeyTile, width].
+template <typename Acc, typename T>
+void gather_kv_rows(const PagedKv<T>& kv, int64_t k0, int64_t n, int64_t width, Acc* k_buf, Acc* v_buf,
+                    const Acc** k_rows, const Acc** v_rows) {
+  int64_t offsets[kKeyTile];
+  kv.offsets(k0, n, offsets);
+  for (int64_t j = 0; j < n; ++j) {
+    if constexpr (std::is_same_v<T, Acc>) {
+      k_rows[j] = kv.k_cache + offsets[j];
+      v_rows[j] = kv.v_cache + offsets[j];
+    } else {
+      const T* __restrict k = kv.k_cache + offsets[j];
+      const T* __restrict v = kv.v_cache + offsets[j];
+      Acc* __restrict k_acc = k_buf + j * width;
+      Acc* __restrict v_acc = v_buf + j * width;
+      for (int64_t d = 0; d < width; ++d) k_acc[d] = static_cast<Acc>(k[d]);
+      for (int64_t d = 0; d < width; ++d) v_acc[d] = static_cast<Acc>(v[d]);
+      k_rows[j] = k_acc;
+      v_rows[j] = v_acc;
+    }
+  }
+}
+
+/// out = acc / sum (0 where no key was seen): an online-softmax row's normalised output.
+template <typename T, typename Acc>
+void store_normalised(T* __restrict out, const Acc* __restrict acc, Acc sum, int64_t head_dim) {  // [head_dim]
+  const Acc inv_sum = sum > 0 ? Acc(1) / sum : Acc(0);
+  for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<T>(acc[d] * inv_sum);
+}
+
 /// The working set of up to max_rows query rows of one KV head: transposed scaled queries,
 /// online-softmax state, and one key tile's K/V rows and scores. W (kWideRows in use) is how many
 /// rows sit side by side in the score and softmax loops: a prefill tile's tokens times its GQA
@@ -162,10 +193,8 @@ class AttentionTile {
 
   /// out = the normalised output of row r.
   template <typename T>
-  void store_row(int64_t r, T* __restrict out) const {  // out [head_dim]
-    const Acc inv_sum = sum_[r] > 0 ? Acc(1) / sum_[r] : Acc(0);
-    const Acc* __restrict acc = row_out(r);
-    for (int64_t d = 0; d < head_dim_; ++d) out[d] = static_cast<T>(acc[d] * inv_sum);
+  void store_row(int64_t r, T* out) const {  // out [head_dim]
+    store_normalised(out, row_out(r), sum_[r], head_dim_);
   }
 
  private:
@@ -173,25 +202,7 @@ class AttentionTile {
   /// when T is Acc, else converted into k_buf_ / v_buf_. Rows up to the next kKeyBlock are zeros.
   template <typename T>
   void gather(const PagedKv<T>& kv, int64_t k0, int64_t n) {
-    const int64_t dim = head_dim_;
-    int64_t offsets[kKeyTile];
-    kv.offsets(k0, n, offsets);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t offset = offsets[j];
-      if constexpr (std::is_same_v<T, Acc>) {
-        k_rows_[j] = kv.k_cache + offset;
-        v_rows_[j] = kv.v_cache + offset;
-      } else {
-        const T* __restrict k = kv.k_cache + offset;
-        const T* __restrict v = kv.v_cache + offset;
-        Acc* __restrict k_acc = k_buf_.data() + j * dim;
-        Acc* __restrict v_acc = v_buf_.data() + j * dim;
-        for (int64_t d = 0; d < dim; ++d) k_acc[d] = static_cast<Acc>(k[d]);
-        for (int64_t d = 0; d < dim; ++d) v_acc[d] = static_cast<Acc>(v[d]);
-        k_rows_[j] = k_acc;
-        v_rows_[j] = v_acc;
-      }
-    }
+    gather_kv_rows(kv, k0, n, head_dim_, k_buf_.data(), v_buf_.data(), k_rows_, v_rows_);
     for (int64_t j = n; j < round_up(n, kKeyBlock); ++j) k_rows_[j] = zeros_.data();
   }
 
