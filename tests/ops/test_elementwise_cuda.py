@@ -144,10 +144,9 @@ def rotary_inputs(T, H, Hkv, D, rot_dim, dtype, cache_dtype, pad=0, positions_dt
     return positions, q, k, cos_sin_cache(8192, rot_dim, cache_dtype, "cuda")
 
 
-def check_rotary(positions, q, k, cache, dtype):
-    D = q.shape[-1]
-    expected_q, expected_k = ref.rotary_embedding(positions, q.double(), k.double(), cache.double(), D)
-    ops.rotary_embedding(positions, q, k, cache, D)
+def check_rotary(positions, q, k, cache, dtype, head_size):
+    expected_q, expected_k = ref.rotary_embedding(positions, q.double(), k.double(), cache.double(), head_size)
+    ops.rotary_embedding(positions, q, k, cache, head_size)
     assert_close_nan(q, expected_q, dtype)
     assert_close_nan(k, expected_k, dtype)
 
@@ -157,20 +156,20 @@ def check_rotary(positions, q, k, cache, dtype):
 @pytest.mark.parametrize(("D", "rot_dim"), [(128, 128), (128, 64), (64, 64), (256, 256)])
 def test_rotary_embedding_large_vs_float64(dtype, cache_dtype, D, rot_dim):
     cache_dtype = dtype if cache_dtype == "same" else cache_dtype
-    check_rotary(*rotary_inputs(4096, 32, 8, D, rot_dim, dtype, cache_dtype), dtype)
+    check_rotary(*rotary_inputs(4096, 32, 8, D, rot_dim, dtype, cache_dtype), dtype, D)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("D", "rot_dim", "pad"), [(128, 128, 1), (80, 40, 0), (96, 96, 3)])
 def test_rotary_embedding_scalar_path(dtype, D, rot_dim, pad):
     """Rows off 16 bytes (pad), or half = 20 not a whole number of 16-byte vectors."""
-    check_rotary(*rotary_inputs(517, 12, 4, D, rot_dim, dtype, torch.float32, pad, torch.int32), dtype)
+    check_rotary(*rotary_inputs(517, 12, 4, D, rot_dim, dtype, torch.float32, pad, torch.int32), dtype, D)
 
 
 def test_rotary_embedding_2d_layout():
     positions, q, k, cache = rotary_inputs(300, 16, 4, 128, 128, torch.bfloat16, torch.bfloat16)
     q2, k2 = q.reshape(300, -1), k.reshape(300, -1)
-    check_rotary(positions, q2, k2, cache, torch.bfloat16)
+    check_rotary(positions, q2, k2, cache, torch.bfloat16, 128)  # [T, H * D] rows
 
 
 def test_rotary_embedding_position_out_of_range_leaves_token():

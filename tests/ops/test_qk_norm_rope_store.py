@@ -142,6 +142,11 @@ def test_qk_norm_rope_store_all_skipped_and_empty(device):
     ops.qk_norm_rope_store(**empty)
 
 
+def with_strides_on(device, t):
+    """t copied to device with its strides kept: Tensor.to makes a slice with gaps contiguous."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device).copy_(t)
+
+
 def bad_args(device):
     """Valid arguments, to break one at a time."""
     return make_args(3, 2, 1, 64, 64, 16, torch.float32, device, skip_every=0)[1]
@@ -172,7 +177,7 @@ def bad_args(device):
 )
 def test_qk_norm_rope_store_rejects(device, change, message):
     args = bad_args(device)
-    args.update({name: t.to(device) for name, t in change.items()})
+    args.update({name: with_strides_on(device, t) for name, t in change.items()})
     with pytest.raises(RuntimeError, match=message):
         ops.qk_norm_rope_store(**args)
 
