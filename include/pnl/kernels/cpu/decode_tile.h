@@ -46,6 +46,43 @@ inline Acc horizontal_sum(const Vec<Acc, N>& v) {
   }
 }
 
+/// The K and V rows of the key tile after the current one, prefetched a row at a time while the
+/// current tile's scores are computed. A sequence's blocks are scattered, which stops the hardware
+/// prefetcher at every block edge. Issued in one burst, the prefetches fill the core's miss buffers
+/// and stall it until the lines arrive; spread over the score loop, they overlap with its arithmetic.
+/// 32 sequences over 30 layers' caches (which miss L3): 0.51 ms a layer, 0.69 with one burst per
+/// tile, 0.77 with none.
+class RowPrefetcher {
+ public:
+  /// Plans positions [begin, end) of kv, at most kKeyTile of them (none when end <= begin).
+  template <typename T>
+  void plan(const PagedKv<T>& kv, int64_t begin, int64_t end) {
+    n_ = std::clamp<int64_t>(end - begin, 0, kKeyTile);
+    kv.offsets(begin, n_, offsets_);
+    for (int64_t j = 0; j < n_; ++j) offsets_[j] *= static_cast<int64_t>(sizeof(T));  // elements -> bytes
+    k_ = reinterpret_cast<const char*>(kv.k_cache);
+    v_ = reinterpret_cast<const char*>(kv.v_cache);
+    row_bytes_ = kv.head_dim * static_cast<int64_t>(sizeof(T));
+  }
+
+  /// Prefetches row j of the planned tile (nothing past the tile's end).
+  void row(int64_t j) const {
+    if (j >= n_) return;
+    const char* k = k_ + offsets_[j];
+    const char* v = v_ + offsets_[j];
+    for (int64_t b = 0; b < row_bytes_; b += 64) {  // one cache line each
+      prefetch_l2(k + b);
+      prefetch_l2(v + b);
+    }
+  }
+
+ private:
+  const char* k_ = nullptr;
+  const char* v_ = nullptr;
+  int64_t row_bytes_ = 0, n_ = 0;
+  int64_t offsets_[kKeyTile];  // bytes
+};
+
 /// Every query head of one decoding sequence, G per KV head, over a range of its keys, with an
 /// online softmax per head. Row r is query head r, of KV head r / G. Allocated once per thread.
 template <typename Acc, int G>
@@ -81,8 +118,8 @@ class DecodeTile {
     std::fill(out_.begin(), out_.end(), Acc(0));
     for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
       const int64_t n = std::min(kKeyTile, key_end - k0);
-      prefetch_kv(tokens, k0 + kKeyTile, std::min(k0 + 2 * kKeyTile, key_end));  // the next tile
       gather(tokens, k0, n);
+      next_.plan(tokens, k0 + kKeyTile, key_end);
       scores(n);
       softmax(n);
       accumulate(n);
@@ -109,10 +146,12 @@ class DecodeTile {
     gather_kv_rows(kv, k0, n, kv_heads_ * head_dim_, k_buf_.data(), v_buf_.data(), k_rows_, v_rows_);
   }
 
-  /// scores_[r][j] = q_r . k_j, kLanes dims per FMA, one horizontal sum per head and key.
+  /// scores_[r][j] = q_r . k_j, kLanes dims per FMA, one horizontal sum per head and key; each
+  /// key also prefetches one key of the next tile.
   void scores(int64_t n) {
     const int64_t dim = head_dim_, vec_dim = dim / kLanes * kLanes;
     for (int64_t j = 0; j < n; ++j) {
+      next_.row(j);
       for (int64_t h = 0; h < kv_heads_; ++h) {
         const Acc* __restrict k = k_rows_[j] + h * dim;
         const Acc* __restrict q = q_.data() + h * G * dim;
@@ -222,6 +261,7 @@ class DecodeTile {
   std::vector<Acc> scores_;       // [rows_, kKeyTile]: scores, then probabilities
   std::vector<Acc> k_buf_;        // [kKeyTile, num_kv_heads * head_dim]: converted K rows (T != Acc)
   std::vector<Acc> v_buf_;        // [kKeyTile, num_kv_heads * head_dim]: converted V rows (T != Acc)
+  RowPrefetcher next_;            // the next key tile's K and V rows
   const Acc* k_rows_[kKeyTile];   // the tile's K token rows, [num_kv_heads * head_dim] each
   const Acc* v_rows_[kKeyTile];   // the tile's V token rows, [num_kv_heads * head_dim] each
 };

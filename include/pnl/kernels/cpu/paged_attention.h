@@ -77,27 +77,6 @@ struct PagedKv {
   }
 };
 
-/// Asks the caches for the [head_dim] K and V rows of kv.kv_head at positions [begin, end): a
-/// sequence's blocks are scattered, which defeats the hardware prefetcher at every block edge.
-template <typename T>
-void prefetch_kv(const PagedKv<T>& kv, int64_t begin, int64_t end) {
-  constexpr int64_t kLine = 64;  // bytes
-  const int64_t row_bytes = kv.head_dim * static_cast<int64_t>(sizeof(T));
-  int64_t offsets[kKeyTile];
-  for (int64_t p0 = begin; p0 < end; p0 += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, end - p0);
-    kv.offsets(p0, n, offsets);
-    for (int64_t j = 0; j < n; ++j) {
-      const char* k = reinterpret_cast<const char*>(kv.k_cache + offsets[j]);
-      const char* v = reinterpret_cast<const char*>(kv.v_cache + offsets[j]);
-      for (int64_t b = 0; b < row_bytes; b += kLine) {
-        __builtin_prefetch(k + b);
-        __builtin_prefetch(v + b);
-      }
-    }
-  }
-}
-
 /// Points k_rows / v_rows at the Acc rows [width] of positions [k0, k0 + n): straight into the
 /// cache when T is Acc, else converted into k_buf / v_buf [kKeyTile, width].
 template <typename Acc, typename T>
@@ -178,7 +157,6 @@ class AttentionTile {
   void attend(const PagedKv<T>& kv, int64_t key_begin, int64_t key_end) {
     for (int64_t k0 = key_begin; k0 < key_end; k0 += kKeyTile) {
       const int64_t n = std::min(kKeyTile, key_end - k0);
-      prefetch_kv(kv, k0 + kKeyTile, std::min(k0 + 2 * kKeyTile, key_end));  // the next tile
       gather(kv, k0, n);
       for (int64_t r = 0; r < padded_; ++r) valid_[r] = std::clamp<int64_t>(key_end_[r] - k0, 0, n);
       scores(round_up(n, kKeyBlock));
