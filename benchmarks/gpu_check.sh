@@ -49,7 +49,7 @@ step build 240 $PY -m pip install --no-build-isolation --no-deps -e . -C build-d
 }
 export PYTHONUNBUFFERED=1
 xdist=()
-$PY -c 'import xdist' 2>/dev/null && xdist=(-n 4)  # 4 processes share the GPU: 31 s, not 2+ min
+$PY -c 'import xdist' 2>/dev/null && xdist=(-n 4)  # 4 processes share the GPU (33 s on an H200)
 step pytest 180 $PY -m pytest -m cuda -q -p no:cacheprovider "${xdist[@]}" tests/ops tests/engine tests/models \
   --junitxml="$OUT/pytest.xml"
 step bench-ops 60 $PY benchmarks/bench_ops_cuda.py
