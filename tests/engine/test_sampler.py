@@ -9,9 +9,11 @@ import torch
 from professional_nano_llm.engine.sampler import Sampler, SamplingBatch, uniform_from_counter
 
 V = 12
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
-def make_batch(rows: int, **fields) -> SamplingBatch:
+def make_batch(rows: int, device: str = "cpu", **fields) -> SamplingBatch:
+    """A batch of `rows` (temperature 1, nothing else set unless given) with its tensors on device."""
     base = dict(
         temperature=torch.ones(rows),
         top_k=None, top_p=None, min_p=None, uniform=None,
@@ -19,6 +21,11 @@ def make_batch(rows: int, **fields) -> SamplingBatch:
         seen_in_prompt=None, output_counts=None, banned=None, num_logprobs=-1,
     )
     base.update(fields)
+    for name, value in base.items():
+        if isinstance(value, torch.Tensor):
+            base[name] = value.to(device)
+        elif isinstance(value, tuple):
+            base[name] = tuple(t.to(device) for t in value)
     return SamplingBatch(**base)
 
 
@@ -63,10 +70,11 @@ def test_uniform_from_counter_is_deterministic_and_uniform():
     assert not np.array_equal(u, uniform_from_counter(seeds, np.ones_like(seeds)))  # the step matters
 
 
-def test_greedy_rows_take_the_argmax():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_rows_take_the_argmax(device):
     logits = torch.randn(5, V, generator=torch.Generator().manual_seed(0))
-    out = Sampler()(logits, make_batch(5, temperature=torch.zeros(5)))
-    torch.testing.assert_close(out.tokens, logits.argmax(-1))
+    out = Sampler()(logits.to(device), make_batch(5, device, temperature=torch.zeros(5)))
+    torch.testing.assert_close(out.tokens.cpu(), logits.argmax(-1))
 
 
 @pytest.mark.parametrize(
@@ -84,13 +92,15 @@ def test_greedy_rows_take_the_argmax():
     ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()),
 )
 @pytest.mark.parametrize("candidates", [3, 1024], ids=["3-candidates", "all-candidates"])
-def test_sampled_distribution_matches_definition(params, candidates):
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_distribution_matches_definition(params, candidates, device):
     """With 3 candidates most filtered rows need more than the top 3 and take the full sort."""
     n = 40_000
     expected = reference_distribution(LOGITS, **params)
     filtered = any(k in params for k in ("top_k", "top_p", "min_p"))
     batch = make_batch(
         n,
+        device,
         temperature=torch.full((n,), params["temperature"]),
         uniform=draws(n),
         top_k=torch.full((n,), params.get("top_k", 0) or V) if filtered else None,
@@ -98,7 +108,7 @@ def test_sampled_distribution_matches_definition(params, candidates):
         min_p=torch.full((n,), params.get("min_p", 0.0)) if filtered else None,
         max_top_k=params.get("top_k", 0),
     )
-    tokens = Sampler(candidates)(LOGITS.expand(n, V).clone(), batch).tokens
+    tokens = Sampler(candidates)(LOGITS.expand(n, V).to(device), batch).tokens.cpu()
     got = empirical(tokens)
     assert (got[expected == 0] == 0).all(), "sampled a token the filters exclude"
     torch.testing.assert_close(got, expected, atol=0.01, rtol=0)
@@ -158,7 +168,8 @@ def reference_penalties(logits, prompt_ids, output_ids, repetition, presence, fr
     return torch.tensor(out)
 
 
-def test_penalties_match_their_definitions():
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_match_their_definitions(device):
     logits = torch.tensor([[1.0, -2.0, 0.5, 3.0, -0.1, 0.0], [0.2, 0.4, -1.0, 2.0, 1.0, -3.0]])
     prompts = [[0, 1], [5]]
     outputs = [[3, 3, 1, 4], [2, 2, 2]]
@@ -171,13 +182,14 @@ def test_penalties_match_their_definitions():
         seen[row, prompts[row]] = True
     batch = make_batch(
         2,
+        device,
         repetition_penalty=torch.tensor([p[0] for p in params]),
         presence_penalty=torch.tensor([p[1] for p in params]),
         frequency_penalty=torch.tensor([p[2] for p in params]),
         seen_in_prompt=seen,
         output_counts=counts,
     )
-    got = Sampler._apply_penalties(logits, batch)
+    got = Sampler._apply_penalties(logits.to(device), batch).cpu()
     for row in range(2):
         expected = reference_penalties(logits[row], prompts[row], outputs[row], *params[row])
         torch.testing.assert_close(got[row], expected)
@@ -195,15 +207,17 @@ def test_banned_tokens_are_never_chosen():
     assert greedy.item() == 1  # the next best
 
 
-def test_logprobs_are_raw_log_softmax_with_top_n():
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_are_raw_log_softmax_with_top_n(device):
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(2))
-    batch = make_batch(3, temperature=torch.zeros(3), num_logprobs=4,
+    batch = make_batch(3, device, temperature=torch.zeros(3), num_logprobs=4,
                        repetition_penalty=torch.full((3,), 2.0), presence_penalty=torch.zeros(3),
                        frequency_penalty=torch.zeros(3), seen_in_prompt=torch.ones(3, V, dtype=torch.bool),
                        output_counts=torch.zeros(3, V))
-    out = Sampler()(logits.clone(), batch)
+    out = Sampler()(logits.to(device), batch)
     reference = logits.double().log_softmax(-1)  # before penalties: what the model said
-    torch.testing.assert_close(out.logprobs.double(), reference.gather(1, out.tokens[:, None])[:, 0])
+    tokens = out.tokens.cpu()
+    torch.testing.assert_close(out.logprobs.double().cpu(), reference.gather(1, tokens[:, None])[:, 0])
     values, ids = reference.topk(4, dim=-1)
-    torch.testing.assert_close(out.top_logprobs.double(), values)
-    torch.testing.assert_close(out.top_ids, ids)
+    torch.testing.assert_close(out.top_logprobs.double().cpu(), values)
+    torch.testing.assert_close(out.top_ids.cpu(), ids)
