@@ -16,7 +16,8 @@ floor of the same workload: the bytes every decode step must read (all weights, 
 running sequence) over the device's measured copy bandwidth, and our fraction of it.
 
 Each measurement is repeated (ours and transformers interleaved, so both see the same machine
-noise) and the median is reported.
+noise) and the median is reported. Each of our runs starts from an empty prefix cache, so a repeat
+prefills its prompts again like the first run.
 
 The last line printed is one JSON object for comparing commits.
 """
@@ -47,6 +48,9 @@ def workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
 
 def time_ours(llm: ProfessionalLLM, prompts: list[list[int]], output_lens: list[int]) -> tuple[float, int]:
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    # Repeats send the same prompts: without the reset, every run after the first would find them
+    # in the prefix cache and skip their prefill.
+    assert llm.reset_prefix_cache()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start

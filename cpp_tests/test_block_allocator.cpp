@@ -323,3 +323,32 @@ TEST(BlockAllocator, PrefixCachingDisabledNeverMatches) {
   EXPECT_TRUE(match(a, t).empty());
   EXPECT_THROW(a.acquire(b), ProtocolError);
 }
+
+TEST(BlockAllocator, ResetPrefixCacheOnlyWhenNoBlockIsUsed) {
+  BlockAllocator a(6, kBs);
+  const std::vector<TokenId> tokens = iota_tokens(2 * kBs, 0);
+  const std::vector<BlockId> chain = cache_chain(a, tokens);
+  EXPECT_FALSE(a.reset_prefix_cache());  // the chain is still owned: nothing changes
+  EXPECT_EQ(match(a, tokens), chain);
+  for (BlockId b : chain) a.release(b);
+  EXPECT_EQ(match(a, tokens), chain);  // freed but still cached
+  a.record_prefix_query(2 * kBs, kBs);
+
+  EXPECT_TRUE(a.reset_prefix_cache());
+  EXPECT_TRUE(match(a, tokens).empty());
+  for (BlockId b : chain) {
+    EXPECT_FALSE(a.is_cached(b));
+    EXPECT_THROW(a.acquire(b), ProtocolError);  // a free block without a prefix cannot be shared
+  }
+  const BlockAllocatorStats s = a.stats();
+  EXPECT_EQ(s.num_cached_blocks, 0);
+  EXPECT_EQ(s.num_used_blocks, 0);
+  EXPECT_EQ(s.prefix_queries, 2 * kBs);  // counters are not reset
+  EXPECT_EQ(a.num_free_blocks(), 6);
+
+  // The pool works as before: the same tokens cache again, and every block can be taken.
+  const std::vector<BlockId> again = cache_chain(a, tokens);
+  EXPECT_EQ(match(a, tokens), again);
+  for (int i = 0; i < 4; ++i) a.allocate();
+  EXPECT_EQ(a.num_free_blocks(), 0);
+}

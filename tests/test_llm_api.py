@@ -160,6 +160,23 @@ def test_bad_requests_leave_the_engine_usable(llm):
     assert len(llm.generate("Still works", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False).token_ids) == 3
 
 
+def test_reset_prefix_cache(llm):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8  # several full 16-token blocks
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    first = llm.generate(prompt, params, use_tqdm=False)
+    cached = llm.generate(prompt, params, use_tqdm=False)
+    assert cached.num_cached_tokens >= 16 and cached.token_ids == first.token_ids
+    assert llm.reset_prefix_cache() is True
+    recomputed = llm.generate(prompt, params, use_tqdm=False)
+    assert recomputed.num_cached_tokens == 0 and recomputed.token_ids == first.token_ids
+
+    running = llm.stream(prompt, SamplingParams(max_tokens=8, **GREEDY))
+    next(running)
+    assert llm.reset_prefix_cache() is False  # the streaming request holds its blocks
+    running.close()
+    assert llm.reset_prefix_cache() is True and llm.engine.scheduler.stats.num_cached_blocks == 0
+
+
 def test_bad_model_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ProfessionalLLM(str(tmp_path / "missing"))

@@ -115,6 +115,8 @@ void bind_engine(py::module_& m) {
         return a.allocate();
       }, "Takes a free block (evicting its cached prefix); ValueError when none is free.")
       .def("release", &BlockAllocator::release, py::arg("block"))
+      .def("reset_prefix_cache", &BlockAllocator::reset_prefix_cache,
+           "Forgets every cached prefix; False (and nothing done) while any block is used.")
       .def("acquire", &BlockAllocator::acquire, py::arg("block"))
       .def("match_prefix",
            [](const BlockAllocator& a, py::handle tokens, int32_t max_blocks) {
@@ -224,6 +226,8 @@ void bind_engine(py::module_& m) {
       }, py::arg("sampled"),
          "One token per sampled sequence, in ScheduleOutput order; returns the sequences that finished "
          "(reason 'stop' or 'length'; abort() reports its own).")
+      .def("reset_prefix_cache", &Scheduler::reset_prefix_cache,
+           "Forgets every cached prefix; False (and nothing done) while a sequence holds KV blocks.")
       .def("get_sequence", [](const Scheduler& s, SeqId id) -> py::object {
         const Sequence* seq = s.find(id);
         return seq ? py::cast(*seq) : py::none();

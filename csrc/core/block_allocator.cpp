@@ -179,6 +179,13 @@ void BlockAllocator::cache_full_block(BlockId block, BlockId parent, const Token
   cached_.emplace(key_[block], block);
 }
 
+bool BlockAllocator::reset_prefix_cache() {
+  if (num_used_blocks() > 0) return false;
+  cached_.clear();
+  std::fill(content_id_.begin(), content_id_.end(), 0);
+  return true;
+}
+
 void BlockAllocator::record_prefix_query(int64_t num_tokens, int64_t num_hit_tokens) {
   if (!enable_prefix_caching_) return;
   prefix_queries_ += num_tokens;

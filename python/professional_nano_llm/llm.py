@@ -76,6 +76,11 @@ class ProfessionalLLM:
         finally:
             engine.abort_request(request_id)  # a consumer that stops early frees the request
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prompt prefix (as vLLM's LLM.reset_prefix_cache), e.g. to time
+        prefill again. Returns False, resetting nothing, while a request is running."""
+        return self.engine.reset_prefix_cache()
+
     def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
         if not conversation:
             raise ValueError("messages must not be empty")

@@ -589,6 +589,23 @@ def test_prefix_cache_reuses_shared_prefix_of_finished_request(caching):
     assert (finished[a].num_generated_tokens, finished[b].num_generated_tokens) == (MAX_TOKENS, MAX_TOKENS)
 
 
+def test_reset_prefix_cache_waits_for_running_sequences():
+    sched = make_scheduler()
+    sched.add(SHARED_A, exactly(MAX_TOKENS))
+    sched.schedule()
+    sched.postprocess([1])
+    assert sched.reset_prefix_cache() is False  # the request is running and holds its blocks
+    assert sched.stats.num_cached_blocks > 0
+    run_to_completion(sched)
+    assert sched.reset_prefix_cache() is True
+    assert sched.stats.num_cached_blocks == 0
+    b = sched.add(SHARED_B, exactly(MAX_TOKENS))
+    assert sched.schedule().positions.tolist() == list(range(len(SHARED_B)))  # all recomputed
+    sched.postprocess([1])
+    assert run_to_completion(sched)[b].num_cached_tokens == 0
+    assert sched.num_free_blocks == 64
+
+
 def test_live_sequences_share_prefix_blocks():
     sched = make_scheduler()
     a = sched.add(SHARED_A, exactly(MAX_TOKENS))

@@ -60,6 +60,10 @@ class BlockAllocator {
   /// sequence (or -1 for the first) and must itself be cached. No-op without prefix caching.
   void cache_full_block(BlockId block, BlockId parent, const TokenId* tokens);
   void record_prefix_query(int64_t num_tokens, int64_t num_hit_tokens);
+  /// Forgets every cached prefix, as vLLM's reset_prefix_cache() does, but only while no block is
+  /// used (a live sequence may still share or register cached blocks). Returns whether it reset;
+  /// the query and hit counters keep counting.
+  bool reset_prefix_cache();
 
  private:
   void check_block(BlockId block) const;

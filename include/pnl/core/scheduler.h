@@ -66,6 +66,8 @@ class Scheduler {
   /// A live (waiting or running) sequence, or nullptr.
   const Sequence* find(SeqId id) const;
   const BlockAllocator& allocator() const { return allocator_; }
+  /// BlockAllocator::reset_prefix_cache(): succeeds only when no sequence holds KV blocks.
+  bool reset_prefix_cache() { return allocator_.reset_prefix_cache(); }
   const SchedulerConfig& config() const { return config_; }
   const ScheduleOutput& last_output() const { return output_; }
 

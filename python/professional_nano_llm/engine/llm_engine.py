@@ -137,6 +137,15 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix, so later prompts recompute their KV. Refused (False, with a
+        warning) while requests are running: their blocks may be shared or about to be cached."""
+        if self.scheduler.reset_prefix_cache():
+            return True
+        logger.warning("reset_prefix_cache: %d request(s) still hold KV blocks; nothing was reset",
+                       self.scheduler.num_running)
+        return False
+
     # --- the loop ---
 
     def step(self) -> list[RequestOutput]:
