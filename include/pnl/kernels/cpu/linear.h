@@ -50,7 +50,6 @@ inline LinearVec<Acc> load_block(const T* __restrict p) {  // p [16]
 /// overlap the loop's arithmetic instead of queueing behind each other in one burst.
 class SpreadPrefetch {
  public:
-  SpreadPrefetch() = default;  // prefetches nothing
   SpreadPrefetch(const void* begin, int64_t bytes, int64_t steps)
       : begin_(static_cast<const char*>(begin)), bytes_(bytes), per_step_((bytes + steps - 1) / steps) {}
 
@@ -60,18 +59,24 @@ class SpreadPrefetch {
   }
 
  private:
-  const char* begin_ = nullptr;
-  int64_t bytes_ = 0, per_step_ = 0, done_ = 0, due_ = 0;
+  const char* begin_;
+  int64_t bytes_, per_step_, done_ = 0, due_ = 0;
+};
+
+/// A tile that prefetches nothing; its empty step() compiles away (a SpreadPrefetch of no bytes
+/// still cost the one-row loops 5 %).
+struct NoPrefetch {
+  void step() {}
 };
 
 /// y[RM, RN * 16] = x[RM, k] W^T (+ bias) for RN consecutive packed blocks starting at w.
 /// The RM x RN sums live in registers: 8 x 3 or 4 x 4 of them fill AVX-512's 32 with the loads.
-template <typename T, int RM, int RN>
+template <typename T, int RM, int RN, typename Prefetch>
 inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 16], rows y_stride apart
                         const T* __restrict x, int64_t x_stride,  // [RM, k], rows x_stride apart
                         const T* __restrict w,                    // [RN, k, 16]: packed blocks
                         const T* __restrict bias,                 // [RN * 16], or null
-                        int64_t k, SpreadPrefetch prefetch) {
+                        int64_t k, Prefetch prefetch) {
   using Acc = acc_t<T>;
   using V = LinearVec<Acc>;
   V acc[RM][RN];
@@ -110,9 +115,9 @@ inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 1
 }
 
 /// One register tile of the last `rows` (< R + 1) rows: the tile of exactly that height.
-template <typename T, int R, int RN>
+template <typename T, int R, int RN, typename Prefetch>
 inline void linear_tail(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
-                        int64_t rows, SpreadPrefetch prefetch) {
+                        int64_t rows, Prefetch prefetch) {
   if constexpr (R >= 1) {
     if (rows == R) {
       linear_tile<T, R, RN>(y, y_stride, x, x_stride, w, bias, k, prefetch);
@@ -122,24 +127,35 @@ inline void linear_tail(T* y, int64_t y_stride, const T* x, int64_t x_stride, co
   }
 }
 
-/// All `rows` rows of x against RN blocks: tiles of RM rows, then one tile of the rest. The tiles
-/// share the prefetch of next_bytes bytes at next (the thread's next panel; none when null).
+/// All `rows` rows of x against RN blocks: tiles of RM rows, then one tile of the rest; tile t
+/// prefetches prefetch_for(t).
+template <typename T, int RM, int RN, typename PrefetchFor>
+void linear_tiles(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
+                  int64_t rows, PrefetchFor prefetch_for) {
+  int64_t i = 0;
+  for (; i + RM <= rows; i += RM) {
+    linear_tile<T, RM, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, prefetch_for(i / RM));
+  }
+  linear_tail<T, RM - 1, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, rows - i,
+                             prefetch_for(i / RM));
+}
+
+/// All `rows` rows of x against RN blocks. The tiles share the prefetch of next_bytes bytes at next
+/// (the thread's next panel; none when null).
 template <typename T, int RM, int RN>
 void linear_rows(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
                  int64_t rows, const T* next, int64_t next_bytes) {
+  if (next == nullptr) {
+    linear_tiles<T, RM, RN>(y, y_stride, x, x_stride, w, bias, k, rows, [](int64_t) { return NoPrefetch{}; });
+    return;
+  }
   const int64_t tiles = (rows + RM - 1) / RM;
-  const int64_t share = next == nullptr ? 0 : round_up((next_bytes + tiles - 1) / tiles, 64);
+  const int64_t share = round_up((next_bytes + tiles - 1) / tiles, 64);
   const char* next_at = reinterpret_cast<const char*>(next);
-  auto prefetch = [&](int64_t tile) {
+  linear_tiles<T, RM, RN>(y, y_stride, x, x_stride, w, bias, k, rows, [&](int64_t tile) {
     const int64_t begin = std::min(tile * share, next_bytes);
     return SpreadPrefetch(next_at + begin, std::min(share, next_bytes - begin), k);
-  };
-  int64_t i = 0;
-  for (; i + RM <= rows; i += RM) {
-    linear_tile<T, RM, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, prefetch(i / RM));
-  }
-  linear_tail<T, RM - 1, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, rows - i,
-                             prefetch(i / RM));
+  });
 }
 
 /// Blocks [b, b + RN) of the output for all rows of x.
