@@ -12,8 +12,9 @@
 // Each tile also prefetches a share of the next panel of W that its thread will compute, spread
 // over its k loop (SpreadPrefetch). Without it, a panel's first row tile streams the panel from
 // DRAM faster than two cores' bandwidth allows while the later tiles read L2 and leave DRAM idle.
-// Over SmolLM2's matmuls (a standalone loop, same process), 12-32 rows (decode steps) ran 8-22 %
-// faster with it; at 1-8 rows, where the hardware prefetcher keeps up, it gained nothing.
+// Over SmolLM2's matmuls (a standalone loop, A/B in one process), 8-32 rows (decode steps, on
+// 8 x 3 tiles) ran 4-22 % faster with it; 1-4 rows (the 4 x 4 tiles, one pass over W, which the
+// hardware prefetcher follows) ran 5-10 % slower, so those take none.
 #pragma once
 
 #include <algorithm>
