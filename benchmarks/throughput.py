@@ -50,7 +50,8 @@ def time_ours(llm: ProfessionalLLM, prompts: list[list[int]], output_lens: list[
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     # Repeats send the same prompts: without the reset, every run after the first would find them
     # in the prefix cache and skip their prefill.
-    assert llm.reset_prefix_cache()
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("the prefix cache could not be reset: a request is still running")
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
