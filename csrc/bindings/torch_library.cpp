@@ -38,4 +38,17 @@ TORCH_LIBRARY(pnl, m) {
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   // out = silu(input[..., :d]) * input[..., d:]. input [..., 2 * d], out [..., d].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // One pre-norm decoder block over a step's tokens, composed of the ops above. On entry hidden
+  // [T, hidden_size] is the previous block's output (the embedding, with residual zero, for the
+  // first); residual += hidden, hidden = rms_norm(residual), then attention adds into residual and
+  // the MLP's output is returned. Weights as the model keeps them (packed, oneDNN or plain);
+  // q_norm_weight and k_norm_weight for Qwen3, qkv_bias for Qwen2. H, Hkv and D come from the
+  // caches [num_blocks, block_size, Hkv, D] and the qkv width. The first num_decode_tokens tokens
+  // are one-token sequences (paged_attention_decode), the rest prefills (paged_attention_prefill).
+  m.def("decoder_layer(Tensor(a!) hidden, Tensor(b!) residual, Tensor positions, Tensor input_norm_weight, "
+        "Tensor qkv_weight, Tensor? qkv_bias, Tensor? q_norm_weight, Tensor? k_norm_weight, Tensor o_weight, "
+        "Tensor post_norm_weight, Tensor gate_up_weight, Tensor down_weight, Tensor cos_sin_cache, "
+        "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, int num_decode_tokens, "
+        "Tensor decode_context_lens, Tensor decode_block_tables, Tensor prefill_cu_seqlens_q, "
+        "Tensor prefill_context_lens, Tensor prefill_block_tables, float eps, float scale) -> Tensor");
 }

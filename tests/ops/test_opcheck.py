@@ -7,6 +7,7 @@ import professional_nano_llm.ops  # noqa: F401  (registers torch.ops.pnl and the
 import pytest
 import torch
 from ops_testing import DEVICES, paged_kv
+from test_decoder_layer import make_layer
 
 
 def cases(device):
@@ -70,12 +71,14 @@ def cases(device):
             torch.randn(2, 96, 16, **f32),
             torch.randn(32, **f32),
         ),
+        "decoder_layer": tuple(make_layer("qwen2", 4, 2, 32, [9], [(21, 5)], 8, torch.float32, device).values()),
     }
 
 
 OPS = list(cases("cpu"))
 # All four of opcheck's checks apply: every op only mutates what its schema marks (a!), has no
-# autograd formula (inputs never require grad in inference), and its fake kernel is a no-op.
+# autograd formula (inputs never require grad in inference), and its fake kernel is a no-op
+# (decoder_layer's returns an empty [T, hidden_size]).
 TEST_UTILS = (
     "test_schema",
     "test_autograd_registration",

@@ -10,7 +10,7 @@ import torch
 from professional_nano_llm.config import EngineConfig, ModelConfig
 from professional_nano_llm.engine.batch import Batch, StepStaging
 from professional_nano_llm.engine.cuda_graphs import DecodeGraphs
-from professional_nano_llm.layers.attention import Attention, AttentionMetadata
+from professional_nano_llm.layers.attention import AttentionMetadata
 from professional_nano_llm.models.decoder import CausalLM
 
 _CPU_DEFAULT_KV_BYTES = 4 << 30
@@ -63,9 +63,8 @@ class ModelRunner:
             cfg.num_layers, 2, num_blocks, engine.block_size, cfg.num_kv_heads, cfg.head_dim,
             dtype=engine.torch_dtype, device=self.device,
         )
-        attentions = [m for m in model.modules() if isinstance(m, Attention)]
-        for layer, attn in enumerate(attentions):
-            attn.k_cache, attn.v_cache = self.kv_cache[layer, 0], self.kv_cache[layer, 1]
+        for i, layer in enumerate(model.model.layers):
+            layer.bind_kv_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
         self.staging = StepStaging(self.device) if self.device.type == "cuda" else None
         self.graphs = None
         if self.device.type == "cuda" and not engine.enforce_eager:

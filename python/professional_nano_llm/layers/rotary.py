@@ -1,4 +1,4 @@
-"""Rotary position embedding: the cos/sin cache (default and llama3 rope types) and its op."""
+"""Rotary position embedding: the cos/sin cache (default and llama3 rope types) its op reads."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import math
 
 import torch
 from torch import nn
-
-from professional_nano_llm import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -38,16 +36,12 @@ def _llama3_scaled(inv_freq: torch.Tensor, rope: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotation of q and k in place; one cos/sin cache shared by every layer."""
+    """The cos/sin cache of the neox-style rotation (ops.rotary_embedding), shared by every layer."""
 
     def __init__(self, head_dim: int, max_position: int, rope: dict, dtype: torch.dtype):
         super().__init__()
-        self.head_dim = head_dim
         inv_freq = inv_frequencies(rope, head_dim)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         # Rounded to the model dtype, as transformers does before applying it.
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)  # [max_position, head_dim]
         self.register_buffer("cos_sin_cache", cache, persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
-        ops.rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim)

@@ -93,7 +93,31 @@ def silu_and_mul(out, x) -> None:
     _ops.silu_and_mul(out, x)
 
 
-# Fake kernels: every op only mutates its arguments, so tracing needs no output shapes.
+def decoder_layer(
+    hidden, residual, positions, input_norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, o_weight,
+    post_norm_weight, gate_up_weight, down_weight, cos_sin_cache, k_cache, v_cache, slot_mapping,
+    num_decode_tokens: int, decode_context_lens, decode_block_tables, prefill_cu_seqlens_q, prefill_context_lens,
+    prefill_block_tables, eps: float, scale: float,
+) -> torch.Tensor:
+    """One pre-norm decoder block in one call; returns its MLP output [T, hidden_size].
+
+    hidden [T, hidden_size] is the previous block's output (for the first block the embedding,
+    with residual [T, hidden_size] zero). In place: residual += hidden and hidden = its norm, then
+    residual += the attention output; the new tokens' K/V go into k_cache, v_cache
+    [num_blocks, block_size, Hkv, D] at slot_mapping [T]. Weights as the model keeps them (packed,
+    oneDNN or plain); qkv_bias is Qwen2's, q/k_norm_weight [D] Qwen3's, else None. The first
+    num_decode_tokens tokens are one-token sequences (decode_* [Sd], [Sd, max_blocks]); the rest
+    are prefills (prefill_cu_seqlens_q [Sp + 1] counted from the first prefill token).
+    """
+    return _ops.decoder_layer(
+        hidden, residual, positions, input_norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, o_weight,
+        post_norm_weight, gate_up_weight, down_weight, cos_sin_cache, k_cache, v_cache, slot_mapping,
+        num_decode_tokens, decode_context_lens, decode_block_tables, prefill_cu_seqlens_q, prefill_context_lens,
+        prefill_block_tables, eps, scale,
+    )
+
+
+# Fake kernels: every op but decoder_layer only mutates its arguments, so tracing needs no output shapes.
 for _name in (
     "store_kv_cache",
     "paged_attention_prefill",
@@ -106,3 +130,8 @@ for _name in (
     "linear",
 ):
     torch.library.register_fake(f"pnl::{_name}")(lambda *args, **kwargs: None)
+
+
+@torch.library.register_fake("pnl::decoder_layer")
+def _(hidden, *args, **kwargs):
+    return torch.empty_like(hidden)  # the MLP projects back to hidden_size

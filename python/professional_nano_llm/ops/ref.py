@@ -122,3 +122,39 @@ def linear(x, packed_weight, bias=None):
     blocks, k, width = packed_weight.shape
     weight = packed_weight.permute(0, 2, 1).reshape(blocks * width, k)  # [N, K]
     return F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias))
+
+
+def decoder_layer(
+    hidden, residual, positions, input_norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, o_weight,
+    post_norm_weight, gate_up_weight, down_weight, cos_sin_cache, k_cache, v_cache, slot_mapping, num_decode_tokens,
+    decode_context_lens, decode_block_tables, prefill_cu_seqlens_q, prefill_context_lens, prefill_block_tables,
+    eps, scale,
+):
+    """Returns (output, hidden, residual, k_cache, v_cache) as the op leaves them: the references
+    above in turn, every weight plain [out, in], each result rounded to the dtype the op stores."""
+    dtype, tokens = hidden.dtype, hidden.shape[0]
+    Hkv, D = k_cache.shape[2:]
+
+    def project(x, weight, bias=None):
+        return F.linear(_acc(x), _acc(weight), None if bias is None else _acc(bias)).to(dtype)
+
+    normed, residual = fused_add_rms_norm(hidden, residual, input_norm_weight, eps)
+    normed = normed.to(dtype)
+    q, k, v = project(normed, qkv_weight, qkv_bias).split([qkv_weight.shape[0] - 2 * Hkv * D, Hkv * D, Hkv * D], -1)
+    q, k, v = q.reshape(tokens, -1, D), k.reshape(tokens, Hkv, D), v.reshape(tokens, Hkv, D)
+    if q_norm_weight is not None:
+        q, k, k_cache, v_cache = qk_norm_rope_store(
+            positions, q, k, v, q_norm_weight, k_norm_weight, eps, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
+    else:
+        q, k = (t.to(dtype) for t in rotary_embedding(positions, q, k, cos_sin_cache, D))
+        k_cache, v_cache = store_kv_cache(k, v, k_cache, v_cache, slot_mapping)
+    nd = num_decode_tokens
+    attn = torch.cat([
+        paged_attention_decode(q[:nd], k_cache, v_cache, decode_context_lens, decode_block_tables, scale),
+        paged_attention_prefill(q[nd:], k_cache, v_cache, prefill_cu_seqlens_q, prefill_context_lens,
+                                prefill_block_tables, scale),
+    ]).to(dtype)
+    mlp_in, residual = fused_add_rms_norm(project(attn.reshape(tokens, -1), o_weight), residual, post_norm_weight, eps)
+    act = silu_and_mul(project(mlp_in.to(dtype), gate_up_weight)).to(dtype)
+    return project(act, down_weight), normed, residual, k_cache, v_cache
