@@ -73,7 +73,8 @@ at::Tensor decoder_layer(at::Tensor& hidden, at::Tensor& residual, const at::Ten
   static const auto silu_and_mul = pnl_op<SiluAndMul>("pnl::silu_and_mul");
 
   TORCH_CHECK(hidden.dim() == 2, "hidden must be [T, hidden_size], got shape ", hidden.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must be [num_blocks, block_size, Hkv, D], got shape ", k_cache.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.size(2) > 0 && k_cache.size(3) > 0,
+              "k_cache must be [num_blocks, block_size, Hkv, D] with Hkv, D > 0, got shape ", k_cache.sizes());
   TORCH_CHECK(q_norm_weight.has_value() == k_norm_weight.has_value(),
               "q_norm_weight and k_norm_weight come together (Qwen3) or not at all");
   const int64_t tokens = hidden.size(0), num_kv_heads = k_cache.size(2), head_dim = k_cache.size(3);

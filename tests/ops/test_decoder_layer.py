@@ -126,6 +126,7 @@ def test_matches_ref_cuda(device, arch, dtype):
         (dict(qkv_weight=torch.randn(5 * 32 + 1, HIDDEN)), "not \\(H \\+ 2 Hkv\\) \\* D"),
         (dict(num_decode_tokens=99), "num_decode_tokens must be in"),
         (dict(hidden=torch.randn(1, 2, HIDDEN)), "hidden must be \\[T, hidden_size\\]"),
+        (dict(k_cache=torch.randn(4, 16, 0, 32), v_cache=torch.randn(4, 16, 0, 32)), "with Hkv, D > 0"),
     ],
 )
 def test_bad_arguments(device, change, message):
