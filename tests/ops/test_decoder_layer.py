@@ -137,3 +137,33 @@ def test_bad_arguments(device, change, message):
         ops.decoder_layer(**args)
     # Refused before anything is stored.
     assert torch.equal(args["k_cache"], caches[0]) and torch.equal(args["v_cache"], caches[1])
+
+
+def test_model_layer_runs_only_once_bound():
+    """A model's block gets its operands from bind_kv_cache (before that, a clear error), and then
+    computes what the reference computes from the block's own parameters."""
+    from transformers import LlamaConfig
+
+    from professional_nano_llm.layers.attention import AttentionMetadata
+    from professional_nano_llm.models.registry import build_model, model_config
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=EPS)
+    layer = build_model(model_config(cfg), 512, torch.float32, torch.device("cpu")).model.layers[0]
+    for p in layer.parameters():
+        p.data.copy_(torch.randn_like(p) * 0.2 + (1 if p.dim() == 1 else 0))  # norm weights near 1
+    args = make_layer("llama", 2, 1, 32, **STEPS["mixed"], block_size=16, dtype=torch.float32, device="cpu")
+    attn, mlp = layer.self_attn, layer.mlp
+    args.update(input_norm_weight=layer.input_layernorm.weight, qkv_weight=attn.qkv_proj.weight,
+                o_weight=attn.o_proj.weight, post_norm_weight=layer.post_attention_layernorm.weight,
+                gate_up_weight=mlp.gate_up_proj.weight, down_weight=mlp.down_proj.weight,
+                cos_sin_cache=attn.rotary.cos_sin_cache)
+    expected = ref.decoder_layer(**args)[0]
+    meta = AttentionMetadata(*(args[k] for k in (
+        "slot_mapping", "num_decode_tokens", "decode_context_lens", "decode_block_tables", "prefill_cu_seqlens_q",
+        "prefill_context_lens", "prefill_block_tables")))
+    hidden, residual = args["hidden"].clone(), args["residual"].clone()
+    with pytest.raises(RuntimeError, match="once bind_kv_cache"):
+        layer(args["positions"], hidden, residual, meta)
+    layer.bind_kv_cache(args["k_cache"].clone(), args["v_cache"].clone())
+    torch.testing.assert_close(layer(args["positions"], hidden, residual, meta), expected, atol=5e-5, rtol=1e-5)
