@@ -1,6 +1,6 @@
 """decoder_layer against ops.ref: Llama, Qwen2 (qkv bias) and Qwen3 (q/k norm) blocks, MHA/GQA/MQA,
 steps of decodes, prefills (some over cached context) or both, every weight layout the model
-keeps (packed, oneDNN bfloat16, plain), and bad arguments."""
+keeps (packed, oneDNN bfloat16, plain), bad arguments, and a model's block binding its operands."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import pytest
 import torch
 from ops_testing import DEVICES, TOLERANCES, paged_kv
 from professional_nano_llm import ops
+from professional_nano_llm.layers.attention import AttentionMetadata
 from professional_nano_llm.layers.linear import prepack_weight
+from professional_nano_llm.models.registry import build_model, model_config
 from professional_nano_llm.ops import ref
 from test_rotary import cos_sin_cache
+from transformers import LlamaConfig
 
 HIDDEN, INTERMEDIATE, EPS = 64, 96, 1e-6
 
@@ -142,11 +145,6 @@ def test_bad_arguments(device, change, message):
 def test_model_layer_runs_only_once_bound():
     """A model's block gets its operands from bind_kv_cache (before that, a clear error), and then
     computes what the reference computes from the block's own parameters."""
-    from transformers import LlamaConfig
-
-    from professional_nano_llm.layers.attention import AttentionMetadata
-    from professional_nano_llm.models.registry import build_model, model_config
-
     cfg = LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=EPS)
     layer = build_model(model_config(cfg), 512, torch.float32, torch.device("cpu")).model.layers[0]
