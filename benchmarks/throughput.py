@@ -15,6 +15,10 @@ ignore_eos, max_model_len 4096. Besides nano-vLLM's "Total/Time/Throughput" line
 floor of the same workload: the bytes every decode step must read (all weights, plus the KV of every
 running sequence) over the device's measured copy bandwidth, and our fraction of it.
 
+It also prints the matmul floor of the workload: the FLOPs of its projections over the fastest
+float32 matmul measured on this machine in the same run (torch.mm or pnl.linear, on a
+compute-bound shape). No float32 engine can finish the workload faster on these cores.
+
 Each measurement is repeated (ours and transformers interleaved, so both see the same machine
 noise) and the median is reported. Each of our runs starts from an empty prefix cache, so a repeat
 prefills its prompts again like the first run.
@@ -36,6 +40,7 @@ from pathlib import Path
 import torch
 
 from professional_nano_llm import ProfessionalLLM, SamplingParams, __version__
+from professional_nano_llm.layers.linear import Linear, linear, prepack_weight
 from professional_nano_llm.loader import resolve_model
 
 
@@ -77,6 +82,35 @@ def nano_bench_workload() -> tuple[list[list[int]], list[int]]:
     rng = random.Random(0)
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     return prompts, [rng.randint(100, 1024) for _ in range(256)]
+
+
+def projection_flops(llm: ProfessionalLLM, prompt_lens: list[int], output_lens: list[int]) -> int:
+    """2 x the multiply-adds of the workload's projections: every prompt token and every output
+    token but the last (which is never fed back) passes through each block's projections; every
+    output token comes out of the vocabulary projection."""
+    model = llm.engine.runner.model
+    per_token = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, Linear))
+    vocab = model.config.vocab_size * model.config.hidden_size
+    passes = sum(prompt_lens) + sum(output_lens) - len(output_lens)
+    return 2 * (per_token * passes + vocab * sum(output_lens))
+
+
+def fp32_matmul_rates(repeat: int = 7) -> dict[str, float]:
+    """FLOP/s of float32 [2048, 576] x [576, 3072] (SmolLM2's gate_up over a long prefill, compute
+    bound) by torch.mm and by pnl.linear on its packed weight; median of `repeat` runs each."""
+    x, w = torch.randn(2048, 576), torch.randn(3072, 576)
+    packed = prepack_weight(w)
+    runs = {"torch.mm": lambda: torch.mm(x, w.t()), "pnl.linear": lambda: linear(x, packed)}
+    rates = {}
+    for name, fn in runs.items():
+        fn()
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rates[name] = 2 * x.shape[0] * x.shape[1] * w.shape[0] / statistics.median(times)
+    return rates
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeat: int = 20) -> float:
@@ -186,6 +220,7 @@ def main() -> None:
             runs.setdefault("hf", []).append(seconds)
             runs.setdefault("hf_single", []).append(time_transformers(hf, [single_prompt], single_len, pad)[0])
     t = {name: statistics.median(times) for name, times in runs.items()}
+    rates = fp32_matmul_rates() if args.dtype == "float32" else {}
 
     ours_tokens = sum(output_lens)
     rows = [("ours, 32 requests", ours_tokens, t["ours"]), ("ours, single stream", single_len, t["ours_single"])]
@@ -213,7 +248,16 @@ def main() -> None:
     print(f"{'run':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for name, tokens, seconds in rows:
         print(f"{name:32} {tokens:7d} {seconds:8.2f} {tokens / seconds:8.1f}")
+    if rates:
+        flops, rate = projection_flops(llm, list(map(len, prompts)), output_lens), max(rates.values())
+        floor = flops / rate
+        result.update(matmul_floor_tok_s=ours_tokens / floor, fp32_matmul_flop_s=rate)
+        print(f"matmul floor: {flops / 1e12:.2f} TFLOP of projections at {rate / 1e9:.0f} GFLOP/s (fastest "
+              f"fp32 matmul here: " + ", ".join(f"{n} {r / 1e9:.0f}" for n, r in rates.items()) + ") = "
+              f"{floor:.2f} s = {ours_tokens / floor:.0f} tok/s; ours {t['ours']:.2f} s = {floor / t['ours']:.0%} of it")
     if "ratio" in result:
+        print(f"5x transformers would be {5 * result['hf_tok_s']:.0f} tok/s (all its tokens), "
+              f"{5 * result['hf_workload_tok_s']:.0f} (the workload's tokens)")
         print(f"ours / transformers: batched {result['ratio']:.2f}x (all its tokens), "
               f"{result['ratio_workload_tokens']:.2f}x (the workload's tokens); "
               f"single stream {result['single_stream_ratio']:.2f}x")
