@@ -155,6 +155,11 @@ def test_bad_requests_leave_the_engine_usable(llm):
         llm.generate([[5, 10**9]], use_tqdm=False)
     with pytest.raises(TypeError, match="unknown engine argument"):
         ProfessionalLLM(no_such_option=1)
+    with pytest.raises(ValueError, match=r"messages\[1\] must be a dict with a 'role' string"):
+        llm.chat([{"role": "user", "content": "hi"}, {"rol": "user", "content": "hi"}], use_tqdm=False)
+    for content in (None, ["a list", "of parts"]):  # SmolLM2's template joins content as a string
+        with pytest.raises(ValueError, match="chat template rejected the messages"):
+            llm.chat([{"role": "user", "content": content}], use_tqdm=False)
     assert not llm.engine.has_unfinished()
     assert llm.engine.scheduler.stats.num_used_blocks == 0
     assert len(llm.generate("Still works", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False).token_ids) == 3

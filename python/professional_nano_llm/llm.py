@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from professional_nano_llm.config import EngineConfig
@@ -84,9 +85,15 @@ class ProfessionalLLM:
     def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
         if not conversation:
             raise ValueError("messages must not be empty")
-        return list(self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-        ))
+        for i, message in enumerate(conversation):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+                raise ValueError(f"messages[{i}] must be a dict with a 'role' string and a 'content', got {message!r}")
+        try:
+            return list(self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            ))
+        except (TemplateError, TypeError) as e:  # the template's own checks, or content it cannot join
+            raise ValueError(f"the model's chat template rejected the messages: {e}") from e
 
     def _run(self, prompts: list[Prompt], params: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.engine
