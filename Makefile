@@ -22,6 +22,7 @@ test: build cuda-compile-check
 	$(PY) -m pytest -q
 
 bench: build
+	$(BUILD_DIR)/fma_peak
 	$(BUILD_DIR)/bench_scheduler
 	$(PY) benchmarks/bench_engine_host.py
 	$(PY) benchmarks/throughput.py
