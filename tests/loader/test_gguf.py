@@ -4,6 +4,7 @@ file checked against transformers' own GGUF loading."""
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import gguf
@@ -96,9 +97,13 @@ def write_gguf(path: Path, config: PretrainedConfig, tensors: dict[str, tuple[np
     return path
 
 
-def write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]]) -> Path:
-    """A GGUF file of llama.cpp-named (array, raw type) tensors and no metadata but the architecture."""
+def write_raw_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, T | None]],
+                   metadata: dict[str, str | int] | None = None) -> Path:
+    """A GGUF file of llama.cpp-named (array, raw type) tensors, and no metadata but the architecture
+    and `metadata` (strings, and integers as uint32)."""
     w = gguf.GGUFWriter(path, arch)
+    for key, value in (metadata or {}).items():
+        (w.add_string if isinstance(value, str) else w.add_uint32)(key, value)
     for name, (array, raw_dtype) in tensors.items():
         w.add_tensor(name, array, raw_dtype=raw_dtype)
     w.write_header_to_file()
@@ -221,12 +226,71 @@ def test_header_cut_anywhere_is_a_value_error(tiny, tmp_path):
             resolve_model(cut)
 
 
+def patch_tensor_info(data: bytes, name: str, dims: tuple[int, ...] | None = None,
+                      offset: int | None = None) -> bytes:
+    """The file with tensor `name`'s dimensions (innermost first, as stored) or data offset replaced
+    in its header entry: name, n_dims (u32), dims (u64 each), type (u32), offset (u64)."""
+    key = name.encode()
+    at = data.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+    (n_dims,) = struct.unpack_from("<I", data, at)
+    out = bytearray(data)
+    if dims is not None:
+        assert len(dims) == n_dims
+        struct.pack_into(f"<{n_dims}Q", out, at + 4, *dims)
+    if offset is not None:
+        struct.pack_into("<Q", out, at + 4 + 8 * n_dims + 4, offset)
+    return bytes(out)
+
+
+TWO_TENSORS = {"token_embd.weight": (np.ones((512, 64), np.float32), None),
+               "output_norm.weight": (np.full(64, 2.0, np.float32), None)}
+
+
+def test_corrupt_tensor_offset_or_shape_names_file_and_tensor(tmp_path):
+    path = write_raw_gguf(tmp_path / "ok.gguf", "llama", TWO_TENSORS)
+    data = path.read_bytes()
+    assert [t.name for t in read_gguf(path)[1]] == list(TWO_TENSORS)
+    cases = {  # a second tensor reading the first one's bytes, or one of 2^64 elements (int64 wraps to 0)
+        "offset": (patch_tensor_info(data, "output_norm.weight", offset=0), "has its data at offset 0, expected"),
+        "shape": (patch_tensor_info(data, "output_norm.weight", dims=(2**32,)), "is truncated"),
+        "2d shape": (patch_tensor_info(data, "token_embd.weight", dims=(2**32, 2**32)), "is truncated"),
+    }
+    for case, (content, message) in cases.items():
+        bad = tmp_path / f"{case.replace(' ', '_')}.gguf"
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=message) as e:
+            read_gguf(bad)
+        assert str(bad) in str(e.value), case
+        assert ("'output_norm.weight'" if case != "2d shape" else "'token_embd.weight'") in str(e.value), case
+
+
+@pytest.mark.parametrize("alignment", [0, 24])
+def test_bad_alignment_is_a_value_error(tmp_path, alignment):
+    path = write_raw_gguf(tmp_path / "a.gguf", "llama", TWO_TENSORS, {"general.alignment": alignment})
+    with pytest.raises(ValueError, match=f"general.alignment must be a power of two, got {alignment}"):
+        resolve_model(path)
+
+
+def test_missing_embedding_and_rope_scaling_are_refused(tmp_path):
+    path = write_raw_gguf(tmp_path / "a.gguf", "llama", {"output_norm.weight": TWO_TENSORS["output_norm.weight"]})
+    with pytest.raises(ValueError, match="'token_embd.weight' \\(the token embedding\\) is missing"):
+        resolve_model(path)
+    path = write_raw_gguf(tmp_path / "b.gguf", "llama", TWO_TENSORS, {"llama.rope.scaling.type": "linear"})
+    with pytest.raises(ValueError, match="RoPE scaling 'linear' is not supported for GGUF files"):
+        resolve_model(path)
+    config = LlamaConfig(**TINY)
+    embedding = {"model.embed_tokens.weight": (np.zeros((512, 64), np.float32), T.F32)}
+    path = write_gguf(tmp_path / "c.gguf", config, embedding, extra={"rope_freqs.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match=re.escape("RoPE scaling from rope_freqs.weight (Llama 3.1 style)")):
+        resolve_model(path)
+
+
 def test_unknown_tensor_and_architecture(tmp_path):
     config = LlamaConfig(**TINY)
     embedding = {"model.embed_tokens.weight": (np.zeros((512, 64), np.float32), T.F32)}
     path = write_gguf(tmp_path / "a.gguf", config, embedding,
-                      extra={"rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(ValueError, match=re.escape("'rope_freqs.weight' has no Hugging Face counterpart")):
+                      extra={"blk.0.ffn_gate_inp.weight": np.ones(8, np.float32)})
+    with pytest.raises(ValueError, match=re.escape("'blk.0.ffn_gate_inp.weight' has no Hugging Face counterpart")):
         resolve_model(path)
     path = write_raw_gguf(tmp_path / "b.gguf", "gpt2",
                           {"token_embd.weight": (np.zeros((512, 64), np.float32), None)})

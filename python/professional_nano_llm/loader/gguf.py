@@ -7,6 +7,7 @@ truncated file makes it fail without saying which tensor was lost. gguf.quants d
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,6 +97,8 @@ class _Cursor:
 
 def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
     """Metadata and tensor table of a GGUF file, checked against the file's size; reads no tensor.
+    As llama.cpp requires, the tensors' data must follow each other in table order, each padded to
+    the alignment, so a corrupt offset cannot make one tensor read another's bytes.
 
     String arrays (the vocabulary, the merges) are given as their length.
     """
@@ -112,11 +115,13 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
             (n_dims,) = cursor.take("I")
             dims = cursor.take(f"{n_dims}Q")
             table.append((name, tuple(reversed(dims)), *cursor.take("IQ")))
-    except (ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError) as e:
         raise ValueError(f"{path} is not a valid GGUF file (truncated or corrupt?): {e!r}") from e
     alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"{path}: general.alignment must be a power of two, got {alignment!r} (corrupt?)")
     data_start = -(-cursor.pos // alignment) * alignment
-    tensors = []
+    tensors, expected_offset = [], 0
     for name, shape, type_id, offset in table:
         if type_id not in SUPPORTED_TYPES:
             supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
@@ -127,11 +132,15 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], list[GGUFTensor]]:
         if not shape or shape[-1] % block_size:
             raise ValueError(f"{path}: tensor {name!r} of shape {shape} is not whole "
                              f"{ggml_type.name} blocks (corrupt?)")
-        start, nbytes = data_start + offset, int(np.prod(shape)) // block_size * type_size
+        if offset != expected_offset:
+            raise ValueError(f"{path}: tensor {name!r} has its data at offset {offset}, expected "
+                             f"{expected_offset} (corrupt?)")
+        start, nbytes = data_start + offset, math.prod(shape) // block_size * type_size  # Python ints: no overflow
         if start + nbytes > buf.size:
             raise ValueError(f"{path} is truncated: tensor {name!r} ends at byte {start + nbytes}, "
                              f"the file at {buf.size}")
         tensors.append(GGUFTensor(name, shape, ggml_type, start, nbytes))
+        expected_offset += -(-nbytes // alignment) * alignment
     return metadata, tensors
 
 
@@ -164,6 +173,14 @@ def gguf_config(path: Path) -> PretrainedConfig:
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHITECTURES)})")
+    names = {t.name for t in tensors}
+    scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in names:  # llama.cpp keeps Llama 3.1's scaling there
+        kind = repr(scaling) if scaling != "none" else "from rope_freqs.weight (Llama 3.1 style)"
+        raise ValueError(f"{path}: RoPE scaling {kind} is not supported for GGUF files; "
+                         "load the model's Hugging Face folder instead")
+    if "token_embd.weight" not in names:
+        raise ValueError(f"{path}: tensor 'token_embd.weight' (the token embedding) is missing")
     for t in tensors:
         hf_name(path, t.name)  # fail now rather than half way through loading the weights
     kwargs: dict[str, Any] = {}
@@ -175,7 +192,7 @@ def gguf_config(path: Path) -> PretrainedConfig:
     if (head_dim := metadata.get(f"{arch}.attention.key_length")) is not None:
         kwargs["head_dim"] = head_dim
     shapes = {t.name: t.shape for t in tensors}
-    kwargs.setdefault("vocab_size", shapes["token_embd.weight"][0])
+    kwargs.setdefault("vocab_size", shapes["token_embd.weight"][0])  # present: checked above
     kwargs["tie_word_embeddings"] = "output.weight" not in shapes  # llama.cpp drops a tied lm_head
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
