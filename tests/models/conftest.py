@@ -21,6 +21,12 @@ TINY_CONFIGS = {
     "llama": lambda vocab: LlamaConfig(vocab_size=vocab, tie_word_embeddings=True, **TINY),
     "qwen2": lambda vocab: Qwen2Config(vocab_size=vocab, tie_word_embeddings=False, **TINY),
     "qwen3": lambda vocab: Qwen3Config(vocab_size=vocab, head_dim=64, tie_word_embeddings=True, **TINY),
+    # Llama 3.1's RoPE scaling; an original context of 64 puts the prompts' positions in every band
+    "llama3-rope": lambda vocab: LlamaConfig(
+        vocab_size=vocab, tie_word_embeddings=False, **TINY,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64),
+    ),
 }
 
 

@@ -90,8 +90,11 @@ def random_prompts(vocab: int, count: int = 8) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(rng.randint(3, 90))] for _ in range(count)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("variant", list(ENGINE_VARIANTS))
+@pytest.mark.parametrize(
+    "arch, variant",
+    [(arch, variant) for arch in ["llama", "qwen2", "qwen3"] for variant in ENGINE_VARIANTS]
+    + [("llama3-rope", "default")],
+)
 def test_tiny_random_models_greedy_is_token_exact(arch, variant, tiny_models):
     folder, hf_model = tiny_models[arch]
     prompts = random_prompts(hf_model.config.vocab_size)

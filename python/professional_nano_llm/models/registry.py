@@ -8,7 +8,7 @@ from professional_nano_llm.config import ModelConfig
 from professional_nano_llm.layers.rotary import inv_frequencies
 from professional_nano_llm.models.decoder import CausalLM
 
-# qkv_bias None: read config.attention_bias.
+# qkv_bias None: config.attention_bias must be off (it would bias o_proj as well).
 _FEATURES = {
     "LlamaForCausalLM": dict(qkv_bias=None, qk_norm=False),
     "MistralForCausalLM": dict(qkv_bias=None, qk_norm=False),
@@ -36,8 +36,11 @@ def model_config(hf_config) -> ModelConfig:
         raise ValueError(f"{arch} with sliding-window attention is not supported")
     features = _FEATURES[arch]
     qkv_bias = features["qkv_bias"]
-    if qkv_bias is None:
-        qkv_bias = bool(getattr(hf_config, "attention_bias", False))
+    if qkv_bias is None and getattr(hf_config, "attention_bias", False):
+        # transformers' Llama/Mistral/Qwen3 put this bias on o_proj too, which the decoder block lacks
+        raise ValueError(f"{arch} with attention_bias=True (biases on q/k/v and o_proj) is not supported")
+    if getattr(hf_config, "mlp_bias", False):
+        raise ValueError(f"{arch} with mlp_bias=True is not supported")
     num_heads = hf_config.num_attention_heads
     cfg = ModelConfig(
         architecture=arch,
@@ -51,7 +54,7 @@ def model_config(hf_config) -> ModelConfig:
         rms_norm_eps=hf_config.rms_norm_eps,
         max_position_embeddings=hf_config.max_position_embeddings,
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
+        qkv_bias=bool(qkv_bias),
         qk_norm=features["qk_norm"],
         rope=_rope(hf_config),
     )
