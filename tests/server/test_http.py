@@ -81,6 +81,10 @@ def test_stream_without_include_usage_has_no_usage(client):
     ({"prompt": "hello " * 5000}, 400, "prompt"),
     ({"prompt": "hello " * 2000, "max_tokens": 4000}, 400, "max_tokens"),
     ({}, 400, "prompt"),
+    ({"prompt": "x", "stop": [f"s{i}" for i in range(65)]}, 400, "stop"),
+    ({"prompt": "x", "stop_token_ids": list(range(1025))}, 400, "stop_token_ids"),
+    ({"prompt": "x", "user": "u" * 257}, 400, "user"),
+    ({"prompt": ["x"] * 1025}, 400, "n"),
 ])
 def test_bad_completion_requests(client, body, status, param):
     assert_envelope(client.post("/v1/completions", json=body), status, param=param)
@@ -105,6 +109,27 @@ def test_malformed_json_and_non_object_bodies(client):
     assert_envelope(client.post("/v1/completions", json=["x"]), 400)
     assert_envelope(client.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}'), 400,
                     code="invalid_json")
+    # 1e400 parses as infinity
+    assert_envelope(client.post("/v1/completions", content=b'{"prompt": "x", "temperature": 1e400}'), 400,
+                    param="temperature")
+    deep = b'{"prompt": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"  # far past any recursion limit
+    for path in ("/v1/completions", "/tokenize"):
+        assert_envelope(client.post(path, content=deep), 400, code="invalid_json")
+    for body in (b'{"prompt": "a\\ud800b"}', b'{"model": "\\ud800", "prompt": "x"}'):  # lone surrogates
+        assert_envelope(client.post("/v1/completions", content=body), 400, code="invalid_json")
+
+
+def test_null_means_the_default(client):
+    """OpenAI's API takes null for optional fields; some SDKs send every field."""
+    body = {"prompt": "Hi", "max_tokens": 2, "ignore_eos": True, "n": None, "stream": None, "logprobs": None,
+            "temperature": None, "stop": None, "seed": None, "user": None}
+    out = client.post("/v1/completions", json=body).json()
+    assert len(out["choices"]) == 1 and out["usage"]["completion_tokens"] == 2
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "logprobs": None, "n": None}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert_envelope(client.post("/v1/completions", json={"prompt": None}), 400, param="prompt")
+    assert_envelope(client.post("/v1/completions", json={"prompt": "x", "no_such_field": None}), 400,
+                    param="no_such_field")
 
 
 def test_prompt_too_long_names_the_numbers(client):
@@ -188,6 +213,12 @@ def test_prompts_and_outputs_are_not_logged(server, client):
     line = next(line for line in log.splitlines() if request_id in line)
     assert "status=200" in line and "completion_tokens=3" in line and "ttft=" in line and "e2e=" in line
     assert "user=tenant-42" in line  # the OpenAI `user` field is honoured: it traces requests to end users
+    forged = "x\nERROR request cmpl-forged status=200 user=admin"
+    response = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "user": forged})
+    log = server.log()
+    line = next(line for line in log.splitlines() if response.json()["id"] in line)
+    assert "user=x\\nERROR request cmpl-forged" in line  # escaped on the request's own line
+    assert not any(line.startswith("ERROR request cmpl-forged") for line in log.splitlines())
 
 
 def test_server_is_healthy_after_bad_input(client):

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from professional_nano_llm.config import EngineConfig
@@ -228,10 +229,11 @@ class OpenAIServer:
                 raise APIError(400, "stream_options is only allowed with stream=true", param="stream_options")
             if not 1 <= body.n <= P.MAX_N:
                 raise APIError(400, f"n must be in [1, {P.MAX_N}], got {body.n}", param="n")
-            prompts = await (self._chat_prompt(body.messages) if chat else self._completion_prompts(body.prompt))
-            if len(prompts) * body.n > MAX_SUB_REQUESTS:
-                raise APIError(400, f"{len(prompts)} prompts x n={body.n} exceeds {MAX_SUB_REQUESTS} completions",
+            num_prompts = 1 if chat else _num_prompts(body.prompt)
+            if num_prompts * body.n > MAX_SUB_REQUESTS:  # checked before any prompt is tokenized
+                raise APIError(400, f"{num_prompts} prompts x n={body.n} exceeds {MAX_SUB_REQUESTS} completions",
                                param="n")
+            prompts = await (self._chat_prompt(body.messages) if chat else self._completion_prompts(body.prompt))
             log.prompt_tokens = sum(map(len, prompts))
             for i, ids in enumerate(prompts):
                 for j, params in enumerate(self._sampling_params(body, chat, len(ids))):
@@ -301,6 +303,12 @@ class OpenAIServer:
                            param=name, code="context_length_exceeded")
         if body.seed is not None and not 0 <= body.seed < (1 << 63) - body.n:
             raise APIError(400, f"seed must be in [0, 2**63 - n), got {body.seed}", param="seed")
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if len(stops) > P.MAX_STOP:  # each is searched for after every token, on the engine's thread
+            raise APIError(400, f"at most {P.MAX_STOP} stop strings, got {len(stops)}", param="stop")
+        if len(set(body.stop_token_ids or [])) > P.MAX_STOP_TOKEN_IDS:
+            raise APIError(400, f"at most {P.MAX_STOP_TOKEN_IDS} stop_token_ids, got {len(set(body.stop_token_ids))}",
+                           param="stop_token_ids")
         bad = [t for t in body.stop_token_ids or [] if not 0 <= t < engine.vocab_size]
         if bad:
             raise APIError(400, f"stop_token_ids must be in [0, {engine.vocab_size}), got {bad[0]}",
@@ -369,8 +377,9 @@ class OpenAIServer:
             raise APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large",
                            headers={"Connection": "close"})
         try:
-            data = json.loads(b"".join(chunks), parse_constant=_reject_constant)
-        except (ValueError, UnicodeDecodeError) as e:
+            # no NaN/Infinity, no lone surrogates, and nesting too deep is an error here, not a crash later
+            data = from_json(b"".join(chunks), allow_inf_nan=False)
+        except ValueError as e:
             raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
         try:
             return model.model_validate(data)
@@ -632,7 +641,7 @@ class _RequestLog:
         ttft_text = "-" if ttft is None else f"{ttft:.3f}s"
         logger.info("request %s status=%d prompt_tokens=%d completion_tokens=%d ttft=%s e2e=%.3fs finish=%s user=%s",
                     self.id, self.status, self.prompt_tokens, self.completion_tokens, ttft_text, e2e,
-                    fields["finish_reason"] or "-", self.user or "-", extra={"fields": fields})
+                    fields["finish_reason"] or "-", _loggable(self.user or "-"), extra={"fields": fields})
 
 
 class _SSEResponse(StreamingResponse):
@@ -660,10 +669,6 @@ async def _wait_disconnect(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
 
 
 def _chat_token(text: str, logprob: float | None) -> dict:
@@ -775,3 +780,14 @@ def run_server(config: ServerConfig) -> int:
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
         return e.code if isinstance(e.code, int) else 1
     return server.exit_code
+
+
+def _num_prompts(prompt) -> int:
+    """How many prompts a completions `prompt` holds: one string or token list, else a list of them."""
+    return 1 if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int) else len(prompt)
+
+
+def _loggable(text: str) -> str:
+    """Client text for a one-line log: control characters and non-ASCII escaped, so a newline in it
+    cannot forge a log line."""
+    return text.encode("unicode_escape").decode("ascii")

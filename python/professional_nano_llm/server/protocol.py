@@ -4,15 +4,25 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 128  # choices per request
+MAX_STOP = 64  # stop strings per request
+MAX_STOP_TOKEN_IDS = 1024  # distinct stop token ids per request
 
 
 class _Request(BaseModel):
     """Request bodies: an unknown field or a wrongly typed value is a 400, never silently ignored."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # OpenAI's API lets clients send null for any optional field (some SDKs send every field)
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
 class StreamOptions(_Request):
@@ -41,7 +51,7 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
 
 
 class CompletionRequest(_SamplingRequest):
