@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from professional_nano_llm.cli import _engine_args, _engine_kwargs
 PNL = [sys.executable, "-m", "professional_nano_llm"]
 
 
-def pnl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*PNL, *args], input=stdin, capture_output=True, text=True, timeout=600)
+def pnl(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*PNL, *args], input=stdin, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
 
 
 def test_version():
@@ -37,9 +39,14 @@ def test_chat_streams_replies_until_an_empty_line():
 
 def test_invalid_arguments_give_a_clear_error():
     result = pnl("generate", "--temperature", "-1", "x")
-    assert result.returncode == 2 and "pnl: error: temperature must be >= 0" in result.stderr
+    assert result.returncode == 2 and "pnl: error: temperature must be a finite number >= 0" in result.stderr
     result = pnl("generate", "--model", "/no/such/model", "x")
     assert result.returncode == 2 and "does not exist" in result.stderr
+    result = pnl("generate", "--block-size", "12", "x")
+    assert result.returncode == 2 and "pnl: error: block_size must be a power of two" in result.stderr
+    result = pnl("generate", "--model", "no-such-org/no-such-model", "x", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "pnl: error:" in result.stderr and "hub is unreachable" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_engine_flags_reach_the_engine_config():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from helpers import our_last_logits
 
 from professional_nano_llm import LLM, ProfessionalLLM, RequestOutput, SamplingParams
+from professional_nano_llm.engine import llm_engine
+from professional_nano_llm.engine.request import Request
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -76,14 +79,69 @@ def test_stop_strings(llm):
     assert kept.text == base.text[: base.text.index(stop) + len(stop)]
 
 
+def test_the_stop_string_completed_first_wins_and_waits_for_min_tokens(llm):
+    tok = llm.tokenizer
+    [hello] = tok.encode(" hello")  # one token: both stop strings complete within its text
+    request = Request("r", 0, None, tok.encode("Say"), SamplingParams(stop=["llo", "he"]), 0, tok, stream=False)
+    assert request.append(hello, None, None) and (request.text, request.stop_reason) == (" ", "he")
+    kept = SamplingParams(stop=["llo", "ell"], include_stop_str_in_output=True)
+    request = Request("r", 0, None, tok.encode("Say"), kept, 0, tok, stream=False)
+    assert request.append(hello, None, None) and (request.text, request.stop_reason) == (" hell", "ell")
+    # Before min_tokens no stop string ends a request (as no EOS or stop token does).
+    base = llm.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=24, **GREEDY), use_tqdm=False)
+    early = base.text[:6]
+    out = llm.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=24, min_tokens=20, stop=[early], **GREEDY),
+                       use_tqdm=False)
+    assert len(out.token_ids) >= 20 and out.token_ids == base.token_ids[: len(out.token_ids)]
+
+
 def test_stop_token_ids_and_max_tokens(llm):
     base = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
     stop_id = base.token_ids[4]
     first = base.token_ids.index(stop_id)
-    out = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, stop_token_ids=[stop_id], **GREEDY),
-                       use_tqdm=False)
-    assert out.token_ids == base.token_ids[: first + 1]
-    assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+    for stop in ([], ["zzz-never"]):  # decoded once at the end, or token by token for stop strings
+        out = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, stop_token_ids=[stop_id], stop=stop,
+                                                                 **GREEDY), use_tqdm=False)
+        assert out.token_ids == base.token_ids[: first + 1]
+        assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
+        # As in vLLM, the stop token's text is not output unless include_stop_str_in_output.
+        assert out.text == llm.tokenizer.decode(out.token_ids[:-1], skip_special_tokens=True)
+        kept = llm.generate("The alphabet: a b c", SamplingParams(max_tokens=12, stop_token_ids=[stop_id], stop=stop,
+                                                                  include_stop_str_in_output=True, **GREEDY),
+                            use_tqdm=False)
+        assert kept.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True) != out.text
+
+
+def test_eos_text_is_left_out(llm):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    params = SamplingParams(temperature=0, max_tokens=64, skip_special_tokens=False)
+    out = llm.chat(messages, params, use_tqdm=False)
+    assert out.finish_reason == "stop" and "Paris" in out.text and "<|im_end|>" not in out.text
+    assert "".join(llm.stream(messages, params)) == out.text  # token by token, the same
+    kept = llm.chat(messages, SamplingParams(temperature=0, max_tokens=64, skip_special_tokens=False,
+                                             include_stop_str_in_output=True), use_tqdm=False)
+    assert kept.text == out.text + "<|im_end|>"
+
+
+def test_interleaved_streams_and_generate_all_finish(llm, monkeypatch):
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    expected = {p: llm.generate(p, params, use_tqdm=False).text for p in ("Hello there", "Good morning", "Once")}
+    steps, step = [0], llm.engine.step
+
+    def counted_step():  # a regression would spin here forever: fail instead
+        steps[0] += 1
+        assert steps[0] < 200, "the engine kept stepping: a stream lost its request's output"
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", counted_step)
+    pairs = list(itertools.zip_longest(llm.stream("Hello there", params), llm.stream("Good morning", params)))
+    assert "".join(a for a, _ in pairs if a) == expected["Hello there"]
+    assert "".join(b for _, b in pairs if b) == expected["Good morning"]
+    running = llm.stream("Hello there", params)
+    first = next(running)
+    assert llm.generate("Once", params, use_tqdm=False).text == expected["Once"]  # runs past the stream's end
+    assert first + "".join(running) == expected["Hello there"]
+    assert not llm.engine.has_unfinished() and not llm._latest and not llm._waiting
 
 
 def test_eos_and_min_tokens(llm):
@@ -124,11 +182,11 @@ def test_logprobs(llm):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-1), "temperature must be >= 0"),
+        (dict(temperature=-1), "temperature must be a finite number >= 0"),
         (dict(top_p=0), "top_p must be in"),
         (dict(top_p=1.5), "top_p must be in"),
         (dict(min_p=2), "min_p must be in"),
-        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(repetition_penalty=0), "repetition_penalty must be a finite number > 0"),
         (dict(presence_penalty=3), "presence_penalty must be in"),
         (dict(frequency_penalty=-2.5), "frequency_penalty must be in"),
         (dict(max_tokens=0), "max_tokens must be >= 1"),
@@ -137,12 +195,23 @@ def test_logprobs(llm):
         (dict(stop=[""]), "stop must be non-empty strings"),
         (dict(stop_token_ids=[-1]), "stop_token_ids must be non-negative"),
         (dict(seed=1.5), "seed must be an integer"),
-        (dict(temperature=float("nan")), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty must be a finite number > 0"),
     ],
 )
 def test_invalid_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_tiny_temperature_is_greedy_and_stop_ids_are_deduplicated(llm):
+    greedy = llm.generate("Hi there", SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)
+    for temperature in (1e-45, 1e-6):  # logits / 1e-45 would overflow float32 and sample garbage
+        params = SamplingParams(max_tokens=6, temperature=temperature, ignore_eos=True, seed=7, logprobs=1)
+        out = llm.generate("Hi there", params, use_tqdm=False)
+        assert out.token_ids == greedy.token_ids
+    assert SamplingParams(stop_token_ids=[5, 3, 5, 5]).stop_token_ids == [5, 3]
 
 
 def test_bad_requests_leave_the_engine_usable(llm):
@@ -155,6 +224,8 @@ def test_bad_requests_leave_the_engine_usable(llm):
         llm.generate([[5, 10**9]], use_tqdm=False)
     with pytest.raises(TypeError, match="unknown engine argument"):
         ProfessionalLLM(no_such_option=1)
+    with pytest.raises(ValueError, match="block_size must be a power of two from 8 to 256, got 12"):
+        ProfessionalLLM(block_size=12)  # refused before any weight is loaded
     with pytest.raises(ValueError, match=r"messages\[1\] must be a dict with a 'role' string"):
         llm.chat([{"role": "user", "content": "hi"}, {"rol": "user", "content": "hi"}], use_tqdm=False)
     for content in (None, ["a list", "of parts"]):  # SmolLM2's template joins content as a string
@@ -171,6 +242,9 @@ def test_reset_prefix_cache(llm):
     first = llm.generate(prompt, params, use_tqdm=False)
     cached = llm.generate(prompt, params, use_tqdm=False)
     assert cached.num_cached_tokens >= 16 and cached.token_ids == first.token_ids
+    # a stop string ends a request outside the scheduler: its cache hits are still reported
+    stopped = llm.generate(prompt, SamplingParams(max_tokens=4, stop=[first.text[1:3]], **GREEDY), use_tqdm=False)
+    assert stopped.finish_reason == "stop" and stopped.num_cached_tokens == cached.num_cached_tokens
     assert llm.reset_prefix_cache() is True
     recomputed = llm.generate(prompt, params, use_tqdm=False)
     assert recomputed.num_cached_tokens == 0 and recomputed.token_ids == first.token_ids
@@ -202,6 +276,23 @@ def test_bfloat16_on_cpu(llm):
     assert set(bf16.topk(5).indices.tolist()) == set(fp32.topk(5).indices.tolist())
     out = llm16.generate("Paris is the capital of", SamplingParams(max_tokens=8, **GREEDY), use_tqdm=False)
     assert len(out.token_ids) == 8 and out.text.strip()
+
+
+def test_a_failure_right_after_scheduling_still_closes_the_step(llm, monkeypatch):
+    class FailingClock:  # the step's first clock read comes right after schedule()
+        @staticmethod
+        def monotonic():
+            raise RuntimeError("injected clock failure")
+
+    llm.generate("warm", SamplingParams(max_tokens=1), use_tqdm=False)
+    request_id = llm.engine.add_request("Hello", SamplingParams(max_tokens=3))
+    monkeypatch.setattr(llm_engine, "time", FailingClock)
+    with pytest.raises(RuntimeError, match="injected clock failure"):
+        llm.engine.step()
+    monkeypatch.undo()
+    assert request_id not in llm.engine.by_request_id  # aborted with its step
+    assert not llm.engine.has_unfinished() and llm.engine.scheduler.stats.num_used_blocks == 0
+    assert len(llm.generate("again", SamplingParams(max_tokens=3, **GREEDY), use_tqdm=False).token_ids) == 3
 
 
 def test_a_failing_step_aborts_its_requests_and_the_engine_recovers(llm, monkeypatch):

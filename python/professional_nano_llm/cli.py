@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     try:
         return {"generate": _generate, "chat": _chat, "serve": _serve}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: missing files, hub and network errors
         print(f"pnl: error: {e}", file=sys.stderr)
         return 2
 

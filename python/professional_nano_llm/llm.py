@@ -22,6 +22,10 @@ class ProfessionalLLM:
 
     def __init__(self, model: str | None = None, **engine_args):
         self.engine = LLMEngine(EngineConfig.from_kwargs(model, engine_args))
+        # Open streams and generate() calls share the engine: whichever steps it files every
+        # output here for its owner, so a suspended stream misses nothing (not even its finish).
+        self._latest: dict[str, RequestOutput] = {}  # request id -> its newest output not yet read
+        self._waiting: set[str] = set()  # request ids a stream or generate() call is reading
 
     @property
     def tokenizer(self):
@@ -61,21 +65,18 @@ class ProfessionalLLM:
         """Yields the text of one prompt (or conversation) piece by piece as it is generated."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             prompt = self._chat_prompt(prompt, True)
-        engine = self.engine
-        request_id = engine.add_request(_prompt_input(prompt), sampling_params, stream=True)
+        request_id = self.engine.add_request(_prompt_input(prompt), sampling_params, stream=True)
+        self._waiting.add(request_id)
         shown = 0
         try:
-            while True:
-                for out in engine.step():
-                    if out.request_id != request_id:
-                        continue
-                    if len(out.text) > shown:
-                        yield out.text[shown:]
-                        shown = len(out.text)
-                    if out.finished:
-                        return
+            while (out := self._next_output(request_id)) is not None:
+                if len(out.text) > shown:
+                    yield out.text[shown:]
+                    shown = len(out.text)
+                if out.finished:
+                    return
         finally:
-            engine.abort_request(request_id)  # a consumer that stops early frees the request
+            self._forget(request_id)  # a consumer that stops early frees the request
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prompt prefix (as vLLM's LLM.reset_prefix_cache), e.g. to time
@@ -101,19 +102,30 @@ class ProfessionalLLM:
         try:
             for prompt, sp in zip(prompts, params):
                 ids.append(engine.add_request(_prompt_input(prompt), sp))
+                self._waiting.add(ids[-1])
             return self._drain(ids, use_tqdm)
         finally:
             for request_id in ids:  # on error or interrupt, nothing is left in the engine
-                engine.abort_request(request_id)
+                self._forget(request_id)
 
     def _drain(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        engine, pending, done = self.engine, set(ids), {}
+        engine, pending, done = self.engine, list(ids), {}
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         with bar:
-            while pending:
+            while True:
+                for request_id in pending:
+                    out = self._latest.pop(request_id, None)
+                    if out is not None and out.finished:
+                        done[request_id] = out
+                        bar.update(1)
+                    elif request_id not in engine.by_request_id:
+                        raise RuntimeError(f"request {request_id!r} was aborted outside generate()")
+                pending = [i for i in pending if i not in done]
+                if not pending:
+                    return [done[i] for i in ids]
                 start = time.perf_counter()
-                outputs = engine.step()
+                self._step()
                 seconds = time.perf_counter() - start
                 stats = engine.last_step
                 if stats.num_prefill_tokens:
@@ -121,12 +133,26 @@ class ProfessionalLLM:
                 if stats.num_decode_tokens:
                     decode_tps = stats.num_decode_tokens / seconds
                 bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
-                for out in outputs:
-                    if out.finished and out.request_id in pending:
-                        pending.discard(out.request_id)
-                        done[out.request_id] = out
-                        bar.update(1)
-        return [done[i] for i in ids]
+
+    def _step(self) -> None:
+        """One engine step; files the outputs of the requests someone here is reading."""
+        for out in self.engine.step():
+            if out.request_id in self._waiting:
+                self._latest[out.request_id] = out
+
+    def _next_output(self, request_id: str) -> RequestOutput | None:
+        """The request's newest output, stepping the engine until there is one; None once the
+        request is gone without one (aborted from outside)."""
+        while (out := self._latest.pop(request_id, None)) is None:
+            if request_id not in self.engine.by_request_id:
+                return None
+            self._step()
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self._waiting.discard(request_id)
+        self._latest.pop(request_id, None)
+        self.engine.abort_request(request_id)
 
 
 LLM = ProfessionalLLM

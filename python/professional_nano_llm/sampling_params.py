@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
 
 
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping. Invalid values raise ValueError at construction.
 
-    temperature 0 is greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters.
+    temperature 0 (or below 1e-5) is greedy. top_k <= 0 and top_p = 1 and min_p = 0 disable those filters.
     repetition_penalty (> 0, 1 = off) scales logits of tokens seen in the prompt or output
     (divides positive ones, multiplies negative ones); presence_penalty and frequency_penalty
     (OpenAI semantics, in [-2, 2]) subtract from the logits of tokens in the output.
@@ -39,13 +41,14 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature must be >= 0", self.temperature)
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids or []))  # duplicates only cost time
+        _check(_is_number(self.temperature) and 0 <= self.temperature < math.inf,
+               "temperature must be a finite number >= 0", self.temperature)
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p)
         _check(_is_int(self.top_k), "top_k must be an integer (<= 0 disables it)", self.top_k)
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p must be in [0, 1]", self.min_p)
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-               "repetition_penalty must be > 0", self.repetition_penalty)
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf,
+               "repetition_penalty must be a finite number > 0", self.repetition_penalty)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -2 <= value <= 2, f"{name} must be in [-2, 2]", value)
@@ -61,7 +64,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As in vLLM: below 1e-5, logits / temperature overflows float32, so it means greedy.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

@@ -151,16 +151,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of requests that finished or, when streaming, grew."""
         out = self.scheduler.schedule()
-        nd = out.num_decode_seqs
-        self.last_step = StepStats(out.num_tokens - nd, nd, len(out.preempted_seq_ids))
-        for seq_id in out.preempted_seq_ids:
-            self.requests[seq_id].metrics.num_preemptions += 1
-        now = time.monotonic()
-        for seq_id in out.seq_ids.tolist():
-            metrics = self.requests[seq_id].metrics
-            if metrics.first_scheduled_time is None:
-                metrics.first_scheduled_time = now
-        try:
+        try:  # from here on, a failure must still close the step (postprocess), or the engine is stuck
+            nd = out.num_decode_seqs
+            self.last_step = StepStats(out.num_tokens - nd, nd, len(out.preempted_seq_ids))
+            for seq_id in out.preempted_seq_ids:
+                self.requests[seq_id].metrics.num_preemptions += 1
+            now = time.monotonic()
+            for seq_id in out.seq_ids.tolist():
+                metrics = self.requests[seq_id].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now
             logits = self.runner.run(out)
             if logits is None:
                 self.scheduler.postprocess([])
@@ -174,11 +174,15 @@ class LLMEngine:
         finished = self.scheduler.postprocess(tokens.numpy())
         token_list = tokens.tolist()
         logprobs = _LogprobRows(result, token_list)
+        stopped_by_token = {f.id for f in finished if f.reason == "stop"}
 
         updated: list[Request] = []
         for i, request in enumerate(requests):
-            if request.append(token_list[i], *logprobs.row(i, request.params.logprobs)):
-                self.scheduler.abort(request.seq_id)  # a stop string ended it
+            stop_token = request.seq_id in stopped_by_token
+            if request.append(token_list[i], *logprobs.row(i, request.params.logprobs), stop_token):
+                # A stop string ended it: the scheduler forgets it, so read its cache hits first.
+                request.num_cached_tokens = self.scheduler.get_sequence(request.seq_id).num_cached_tokens
+                self.scheduler.abort(request.seq_id)
             if request.output_counts is not None:
                 request.output_counts[token_list[i]] += 1
             if request.detokenizer is not None or request.finished:
@@ -206,7 +210,7 @@ class LLMEngine:
             seeds = np.array([r.seed & 0xFFFF_FFFF_FFFF_FFFF for r in requests], dtype=np.uint64)  # any int
             steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
             # One [rows, B] float64 table moves in one copy: temperature, the draws, then the filters.
-            table = [[p.temperature for p in params], uniform_from_counter(seeds, steps)]
+            table = [[0.0 if p.greedy else p.temperature for p in params], uniform_from_counter(seeds, steps)]
             filtered = any(p.has_filters and not p.greedy for p in params)
             if filtered:
                 table += [[p.top_k if p.top_k > 0 else self.vocab_size for p in params],
@@ -249,9 +253,10 @@ class LLMEngine:
             self.scheduler.abort(seq_id)
         self.scheduler.postprocess(np.zeros(out.num_sampled, dtype=np.int32))
         for seq_id in seq_ids:
-            request = self.requests.pop(seq_id)
-            self.by_request_id.pop(request.request_id, None)
-            request.finish("abort")
+            request = self.requests.pop(seq_id, None)  # None: the failure was a request gone missing
+            if request is not None:
+                self.by_request_id.pop(request.request_id, None)
+                request.finish("abort")
 
 
 class _LogprobRows:

@@ -45,8 +45,11 @@ class Request:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token: int, logprobs: dict[int, float] | None, logprob: float | None) -> bool:
-        """Adds a sampled token; returns True when a stop string ended the request."""
+    def append(self, token: int, logprobs: dict[int, float] | None, logprob: float | None,
+               stop_token: bool = False) -> bool:
+        """Adds a sampled token; returns True when a stop string ended the request. stop_token: the
+        scheduler ends the request on this token (EOS or stop_token_ids); as in vLLM, its text is
+        left out unless include_stop_str_in_output."""
         now, metrics = time.monotonic(), self.metrics
         if metrics.last_token_time is None:
             metrics.first_token_time = now
@@ -58,21 +61,27 @@ class Request:
             self.cumulative_logprob += logprob
         if self.logprobs is not None and logprobs is not None:
             self.logprobs.append(logprobs)
-        if self.detokenizer is None:
+        if self.detokenizer is None or (stop_token and not self.params.include_stop_str_in_output):
             return False
         before = len(self.text)
         self.text += self.detokenizer.step([token])
-        return self._find_stop_string(before)
+        # Like stop tokens, stop strings count only once min_tokens tokens are out.
+        return len(self.output_token_ids) >= self.params.min_tokens and self._find_stop_string(before)
 
     def _find_stop_string(self, new_from: int) -> bool:
+        """Ends the request at the stop string that the text completes first (ties: the longest),
+        looking only at matches that end in the text from new_from on."""
+        first = None  # (end, start, stop)
         for stop in self.params.stop:
             at = self.text.find(stop, max(0, new_from - len(stop) + 1))
-            if at >= 0:
-                end = at + len(stop) if self.params.include_stop_str_in_output else at
-                self.text = self.text[:end]
-                self.finish("stop", stop)
-                return True
-        return False
+            if at >= 0 and (first is None or (at + len(stop), at) < first[:2]):
+                first = (at + len(stop), at, stop)
+        if first is None:
+            return False
+        end, at, stop = first
+        self.text = self.text[: end if self.params.include_stop_str_in_output else at]
+        self.finish("stop", stop)
+        return True
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         if self.finished:
@@ -80,9 +89,12 @@ class Request:
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.metrics.finished_time = time.monotonic()
         if self.detokenizer is None:
-            self.text = self.tokenizer.decode(
-                self.output_token_ids, skip_special_tokens=self.params.skip_special_tokens
-            )
+            # a stop token (EOS or stop_token_ids; stop_reason is then its id or None) is not text
+            by_token = reason == "stop" and not isinstance(stop_reason, str)
+            ids = self.output_token_ids
+            if by_token and not self.params.include_stop_str_in_output:
+                ids = ids[:-1]
+            self.text = self.tokenizer.decode(ids, skip_special_tokens=self.params.skip_special_tokens)
 
     def visible_text(self) -> str:
         """Text safe to show while running: a tail that may still become a stop string is held back."""
