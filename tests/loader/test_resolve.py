@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 
@@ -126,13 +127,37 @@ def test_hub_download_resolves_the_snapshot(monkeypatch, folder):
     monkeypatch.setattr(hub, "snapshot_download", snapshot)
     source = resolve_model("org/name")
     assert (source.path, source.format) == (folder, "safetensors")
-    ((repo_id, patterns, offline),) = calls
+    (repo_id, patterns, offline), (_, weights, _) = calls
     assert (repo_id, offline) == ("org/name", False)
     for needed in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                   "model-00001-of-00002.safetensors", "model.safetensors.index.json",
-                   "tokenizer.model"):
+                   "model.safetensors.index.json", "tokenizer.model"):
         assert any(Path(needed).match(p) for p in patterns), needed
-    assert not any(Path("pytorch_model.bin").match(p) or Path("model.gguf").match(p) for p in patterns)
+    assert not any(Path(f).match(p) for p in patterns for f in ("pytorch_model.bin", "model.gguf", "x.safetensors"))
+    assert weights == ["*.safetensors"]  # no index in this folder
+
+
+def test_hub_download_fetches_only_the_indexed_shards(monkeypatch, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                  "c": "model-00001-of-00002.safetensors"}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    calls = []
+
+    def snapshot(repo_id, allow_patterns, local_files_only):
+        calls.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "snapshot_download", snapshot)
+    assert hub.download("mistralai/Mistral-7B-Instruct-v0.3") == tmp_path
+    assert calls[1] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # no consolidated.*
+
+
+def test_hub_repository_without_config_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "snapshot_download", lambda repo_id, **kwargs: str(tmp_path))
+    with pytest.raises(ValueError, match="has no config.json.*download one .*and pass its path"):
+        hub.download("someone/Model-GGUF")
 
 
 def test_existing_path_wins_over_hub_id(monkeypatch, folder, tmp_path):
