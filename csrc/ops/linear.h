@@ -24,6 +24,7 @@ inline LinearShape check_linear(const at::Tensor& out, const at::Tensor& input, 
               "linear needs a contiguous packed weight [N / 16, K, 16] (ops.pack_linear_weight), got shape ",
               weight.sizes(), " and strides ", weight.strides());
   const int64_t rows = input.size(0), in_features = input.size(1), num_blocks = weight.size(0);
+  TORCH_CHECK(in_features > 0, "linear needs in_features K > 0, got input ", input.sizes());
   TORCH_CHECK(weight.size(1) == in_features && out.size(0) == rows && out.size(1) == num_blocks * 16,
               "linear: input ", input.sizes(), ", packed weight ", weight.sizes(), " and out ", out.sizes(),
               " do not fit [M, K] x [N / 16, K, 16] -> [M, N]");

@@ -33,6 +33,9 @@ inline AttentionShape check_attention(const at::Tensor& out, const at::Tensor& q
               shape.head_dim);
   TORCH_CHECK(shape.num_kv_heads > 0 && shape.num_heads % shape.num_kv_heads == 0, "num_heads ", shape.num_heads,
               " must be a multiple of num_kv_heads ", shape.num_kv_heads);
+  TORCH_CHECK(shape.num_heads > 0 && shape.head_dim > 0 && shape.block_size > 0,
+              "num_heads, head_dim and block_size must be > 0, got ", shape.num_heads, ", ", shape.head_dim, " and ",
+              shape.block_size);
   check_index(context_lens, "context_lens", 1);
   check_index(block_tables, "block_tables", 2);
   check_device(context_lens, "context_lens", query, "query");

@@ -121,22 +121,24 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
   const int64_t items_per_part = kWhole ? 1 : shape.num_kv_heads;
   const int64_t part_keys = decode_partition_keys(lens, num_seqs, items_per_part);
 
-  int64_t max_parts = 1;
+  // Partial results, kept only for the split sequences (one long context in a batch of short
+  // ones must not cost every sequence its partition count): sequence s's [H, parts(s)] maxima and
+  // sums start at part_base[s] * H, its [H, parts(s), D] outputs at part_base[s] * H * D.
+  const auto num_parts = [&](int64_t s) { return (lens[s] + part_keys - 1) / part_keys; };
+  std::vector<int64_t> part_base(num_seqs, -1);
+  int64_t split_parts = 0;
   std::vector<WorkItem> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
-    max_parts = std::max<int64_t>(max_parts, (lens[s] + part_keys - 1) / part_keys);
+    if (num_parts(s) > 1) {
+      part_base[s] = split_parts;
+      split_parts += num_parts(s);
+    }
     for (int64_t k0 = 0; k0 < lens[s]; k0 += part_keys) {
       const int64_t k1 = std::min<int64_t>(lens[s], k0 + part_keys);
       for (int64_t h = 0; h < items_per_part; ++h) items.push_back({s, h, k0, k1, k1 - k0});
     }
   }
-  // Partial results of split sequences: [S, H, max_parts] maxima and sums, [S, H, max_parts, D] outputs.
-  std::vector<Acc> part_max, part_sum, part_out;
-  if (max_parts > 1) {
-    part_max.resize(num_seqs * num_heads * max_parts);
-    part_sum.resize(part_max.size());
-    part_out.resize(part_max.size() * head_dim);
-  }
+  std::vector<Acc> part_max(split_parts * num_heads), part_sum(part_max.size()), part_out(part_max.size() * head_dim);
   run_work_items(
       items, [&] { return kWhole ? Tile(shape.num_kv_heads, head_dim) : Tile(group, head_dim); },
       [&](Tile& tile, const WorkItem& item) {
@@ -152,7 +154,7 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
               tile, q_seq, query.stride(1), paged_kv<T>(k_cache, v_cache, block_tables, shape, s, item.kv_head), group,
               lens[s], item.begin, item.end, static_cast<Acc>(scale));
         }
-        const bool whole = lens[s] <= part_keys;
+        const bool whole = part_base[s] < 0;
         const int64_t part = item.begin / part_keys;
         const int64_t first_head = kWhole ? 0 : item.kv_head * group;
         for (int64_t r = 0; r < (kWhole ? num_heads : group); ++r) {
@@ -161,22 +163,22 @@ void decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k_cache,
             tile.store_row(r, o + s * out.stride(0) + h * out.stride(1));
             continue;
           }
-          const int64_t p = (s * num_heads + h) * max_parts + part;
+          const int64_t p = part_base[s] * num_heads + h * num_parts(s) + part;
           part_max[p] = tile.row_max(r);
           part_sum[p] = tile.row_sum(r);
           std::copy(tile.row_out(r), tile.row_out(r) + head_dim, part_out.begin() + p * head_dim);
         }
       });
-  if (max_parts == 1) return;
+  if (split_parts == 0) return;
   at::parallel_for(0, num_seqs * num_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<Acc> scratch(head_dim);
     for (int64_t sh = begin; sh < end; ++sh) {
       const int64_t s = sh / num_heads, h = sh % num_heads;
-      if (lens[s] <= part_keys) continue;  // written directly
-      const int64_t p = sh * max_parts;
+      if (part_base[s] < 0) continue;  // written directly
+      const int64_t p = part_base[s] * num_heads + h * num_parts(s);
       kernels::cpu::merge_partitions(o + s * out.stride(0) + h * out.stride(1), part_max.data() + p,
                                      part_sum.data() + p, part_out.data() + p * head_dim, scratch.data(),
-                                     (lens[s] + part_keys - 1) / part_keys, head_dim);
+                                     num_parts(s), head_dim);
     }
   });
 }

@@ -72,6 +72,7 @@ def test_pack_layout():
         ((4, 8), (32, 8), (4, 32), None, "packed weight"),
         ((4, 8), (2, 8, 16), (4, 32), (16,), "bias must be"),
         ((2, 4, 8), (2, 8, 16), (2, 4, 32), None, "needs input"),
+        ((8, 0), (2, 0, 16), (8, 32), None, "in_features K > 0"),  # divided by K once (SIGFPE)
     ],
 )
 def test_linear_rejects(x_shape, w_shape, out_shape, bias_shape, message):

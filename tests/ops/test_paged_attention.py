@@ -201,6 +201,11 @@ def attention_args(device):
         (dict(out=torch.empty(5, 4, 32)), "out must have"),
         (dict(v_cache=torch.randn(6, 8, 2, 32).bfloat16()), "one dtype"),
         (dict(query=torch.randn(6, 32, 4).transpose(1, 2)), "contiguous last dim"),
+        # each once divided by (SIGFPE)
+        (dict(k_cache=torch.randn(6, 0, 2, 32), v_cache=torch.randn(6, 0, 2, 32)), "block_size must be > 0"),
+        (dict(query=torch.randn(6, 4, 0), out=torch.empty(6, 4, 0), k_cache=torch.randn(6, 8, 2, 0),
+              v_cache=torch.randn(6, 8, 2, 0)), "head_dim and block_size must be > 0"),
+        (dict(query=torch.randn(6, 0, 32), out=torch.empty(6, 0, 32)), "num_heads, head_dim"),
     ],
 )
 def test_paged_attention_prefill_rejects(device, change, message):
@@ -241,6 +246,10 @@ def test_paged_attention_decode_rejects(device):
     args = decode_args(device)
     with pytest.raises(RuntimeError, match="one token per sequence"):
         ops.paged_attention_decode(**{**args, "query": args["query"][:1], "out": args["out"][:1]})
+    no_slots = torch.randn(6, 0, 2, 32, device=device)  # blocks of 0 tokens: a division by zero before
+    empty = torch.zeros(2, dtype=torch.int32, device=device)
+    with pytest.raises(RuntimeError, match="block_size must be > 0"):
+        ops.paged_attention_decode(**{**args, "k_cache": no_slots, "v_cache": no_slots.clone(), "context_lens": empty})
 
 
 def test_paged_attention_decode_rejects_bad_indices_on_cpu():
