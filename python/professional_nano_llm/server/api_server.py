@@ -739,7 +739,7 @@ def setup_logging(log_format: str) -> None:
             handler.setFormatter(JsonFormatter())
     uv = logging.getLogger("uvicorn")
     uv.handlers = list(pkg.handlers)
-    uv.setLevel(logging.INFO)
+    uv.setLevel(pkg.level)  # PNL_LOG_LEVEL for uvicorn's lines too
     uv.propagate = False
 
 

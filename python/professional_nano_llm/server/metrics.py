@@ -68,7 +68,7 @@ class ServerMetrics:
         self.ttft = Histogram("pnl:time_to_first_token_seconds", "Time to first token.", labels,
                               buckets=_TTFT_BUCKETS, registry=registry).labels(model_name)
         self.itl = Histogram("pnl:inter_token_latency_seconds",
-                             "Time between generated tokens (each request's mean, once per interval).", labels,
+                             "Time between consecutive generated tokens of a request.", labels,
                              buckets=_ITL_BUCKETS, registry=registry).labels(model_name)
         self.e2e = Histogram("pnl:e2e_request_latency_seconds", "Arrival in the engine to finish.", labels,
                              buckets=_REQUEST_BUCKETS, registry=registry).labels(model_name)
