@@ -2,12 +2,15 @@
 #   make run    set up, build, and run the engine
 #   make test   set up, build, run googletest (ctest) and pytest
 # Setup installs Python packages into .venv and Debian packages with apt-get when missing.
+# `make test` runs pytest twice: as is (the op tests cover every CPU instruction set the machine has),
+# then the model and API suites again on the AVX2 kernels (PNL_CPU_ISA=avx2), as an AVX2-only CPU runs.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+AVX2_SUITES := tests/models tests/test_llm_api.py tests/engine
 BUILD_DIR = build/$(shell $(PY) -c 'import sys; print(sys.implementation.cache_tag)')
 CMAKE_ARGS ?=
 SOURCES := $(shell find csrc include cpp_tests benchmarks/cpp -type f) CMakeLists.txt pyproject.toml
@@ -20,6 +23,9 @@ run: build
 test: build cuda-compile-check
 	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
 	$(PY) -m pytest -q
+	@if $(PY) -c 'from professional_nano_llm import ops; exit("avx2" not in ops.supported_cpu_isas())'; then \
+		PNL_CPU_ISA=avx2 $(PY) -m pytest -q $(AVX2_SUITES); \
+	else echo "this CPU has no AVX2: the AVX2 pass is left out"; fi
 
 bench: build
 	$(BUILD_DIR)/fma_peak
@@ -65,9 +71,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 		-C cmake.define.PNL_BUILD_TESTS=ON -C cmake.define.PNL_BUILD_BENCHMARKS=ON $(CMAKE_ARGS)
 	touch $@
 
+# qemu-user: tests/ops/test_cpu_isa.py runs the op tests on emulated x86-64 CPUs without AVX-512 / AVX.
+DEBIAN_PACKAGES := libgtest-dev libbenchmark-dev $(if $(filter x86_64,$(shell uname -m)),qemu-user)
 system-deps:
-	@dpkg -s libgtest-dev libbenchmark-dev >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libgtest-dev libbenchmark-dev; }
+	@dpkg -s $(DEBIAN_PACKAGES) >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(DEBIAN_PACKAGES); }
 
 clean:
 	rm -rf build $(VENV)/.built

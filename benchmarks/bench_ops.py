@@ -1,20 +1,29 @@
 """Per-op timings of the pnl kernels against their pure-torch references, at SmolLM2-135M shapes.
 
     python benchmarks/bench_ops.py [--device cpu] [--dtype bfloat16 float32] [--repeat 20] [--quick]
+                                   [--isa [avx512 avx2 baseline]]
 
 Shapes: hidden 576, 9 query heads and 3 KV heads of 64 dims, MLP 1536, KV blocks of 16 tokens.
 Decode attention is 32 sequences of 512 context tokens; prefill attention is one prompt of 256
 tokens (and 64 and 1024 against SDPA only); the other ops run on 32 (decode) and 256 (prefill)
 tokens. The baseline is ops.ref (the test oracle); attention is also timed against torch's
 scaled_dot_product_attention on K/V already gathered out of the cache, which is the best case for
-torch. Each time is the median of --repeat runs, in µs; ratio = baseline / ours (> 1: ours is
-faster).
+torch. linear (float32, the engine's CPU matmul) runs at 1, 8, 32 and 256 rows on each of SmolLM2's
+projections against F.linear on the plain weight. Each time is the median of --repeat runs, in µs;
+ratio = baseline / ours (> 1: ours is faster).
+
+On the CPU the header names the CPU and the instruction set of our kernels. --isa runs the whole
+benchmark once per instruction set named (all this CPU runs, if none is), each in a fresh process
+with PNL_CPU_ISA set and torch's own kernels held to the same set (machine.TORCH_ISA_LIMITS).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,7 +33,16 @@ import torch.nn.functional as F
 from professional_nano_llm import ops
 from professional_nano_llm.ops import ref
 
+from machine import TORCH_ISA_LIMITS, describe_cpu
+
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, BLOCK = 576, 9, 3, 64, 1536, 16
+PROJECTIONS = {  # out_features x in_features of SmolLM2's matmuls
+    "qkv": ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+    "o": (HIDDEN, HIDDEN),
+    "gate_up": (2 * MLP, HIDDEN),
+    "down": (HIDDEN, MLP),
+}
+LINEAR_ROWS = (1, 8, 32, 256)
 DECODE_SEQS, DECODE_CONTEXT, PREFILL_TOKENS = 32, 512, 256
 SCALE = HEAD_DIM**-0.5
 
@@ -154,8 +172,23 @@ def token_cases(tokens, dtype, device):
     ]  # fmt: skip
 
 
+def linear_cases(dtype, device):
+    """pnl.linear on the packed weight against F.linear on the plain one, for each projection."""
+    out = []
+    for rows in LINEAR_ROWS:
+        for name, (n, k) in PROJECTIONS.items():
+            weight = torch.randn(n, k, dtype=dtype, device=device) / k**0.5
+            packed = ops.pack_linear_weight(weight)
+            x = torch.randn(rows, k, dtype=dtype, device=device)
+            y = torch.empty(rows, n, dtype=dtype, device=device)
+            out.append(Case("linear", f"M={rows} {name} {n}x{k}", lambda y=y, x=x, p=packed: ops.linear(y, x, p),
+                            "F.linear", lambda x=x, w=weight: F.linear(x, w)))
+    return out
+
+
 def cases(dtype, device):
-    return (
+    matmuls = linear_cases(dtype, device) if device == "cpu" and dtype == torch.float32 else []
+    return matmuls + (
         decode_cases(dtype, device)
         + prefill_cases(PREFILL_TOKENS, dtype, device, with_ref=True)
         + prefill_cases(64, dtype, device, with_ref=False)
@@ -163,6 +196,16 @@ def cases(dtype, device):
         + token_cases(DECODE_SEQS, dtype, device)
         + token_cases(PREFILL_TOKENS, dtype, device)
     )
+
+
+def run_per_isa(isas: list[str]) -> None:
+    """This benchmark again, once per instruction set, each in a process of its own."""
+    argv = [a for a in sys.argv[1:] if a != "--isa" and a not in TORCH_ISA_LIMITS]
+    for isa in isas or ops.supported_cpu_isas():
+        env = {**os.environ, **TORCH_ISA_LIMITS[isa], "PNL_CPU_ISA": isa}
+        limits = " ".join(f"{k}={v}" for k, v in TORCH_ISA_LIMITS[isa].items()) or "none"
+        print(f"\n### {isa} (torch limited by: {limits})", flush=True)
+        subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
 
 
 def main() -> None:
@@ -173,13 +216,19 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="5 runs per op")
+    parser.add_argument("--isa", nargs="*", choices=list(TORCH_ISA_LIMITS), default=None,
+                        help="run once per CPU instruction set (default: every one this CPU runs)")
     args = parser.parse_args()
+    if args.isa is not None:
+        run_per_isa(args.isa)
+        return
     repeat = 5 if args.quick else args.repeat
     torch.manual_seed(0)
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
-    print(f"device {args.device}, {threads} threads, median of {repeat} runs")
+    where = f"{describe_cpu()}, " if args.device == "cpu" else ""
+    print(f"device {args.device}, {where}{threads} threads, median of {repeat} runs")
     header = (
-        f"{'op':<24} {'shape':<22} {'dtype':<9} {'ours µs':>9} {'baseline':>8} {'base µs':>10} "
+        f"{'op':<24} {'shape':<26} {'dtype':<9} {'ours µs':>9} {'baseline':>8} {'base µs':>10} "
         f"{'ratio':>7}"
     )
     print(header)
@@ -190,7 +239,7 @@ def main() -> None:
             ours = median_us(case.ours, repeat, args.device)
             base = median_us(case.baseline, repeat, args.device)
             print(
-                f"{case.op:<24} {case.shape:<22} {name:<9} {ours:>9.1f} {case.baseline_name:>8} "
+                f"{case.op:<24} {case.shape:<26} {name:<9} {ours:>9.1f} {case.baseline_name:>8} "
                 f"{base:>10.1f} {base / ours:>6.2f}x"
             )
 

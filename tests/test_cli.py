@@ -18,9 +18,26 @@ def pnl(*args: str, stdin: str | None = None, env: dict[str, str] | None = None)
                           env={**os.environ, **(env or {})})
 
 
-def test_version():
+def test_version_names_the_cpu_kernels_in_use():
+    from professional_nano_llm import ops
+
+    supported = ", ".join(ops.supported_cpu_isas())
+    in_use = os.environ.get("PNL_CPU_ISA") or ops.supported_cpu_isas()[0]  # the best, unless forced
     result = pnl("--version")
-    assert result.returncode == 0 and result.stdout.strip() == f"professional-nano-llm {__version__}"
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        f"professional-nano-llm {__version__}",
+        f"CPU kernels: {in_use} (this CPU runs: {supported})",
+    ]
+    forced = pnl("--version", env={"PNL_CPU_ISA": "baseline"})
+    assert forced.stdout.splitlines()[1] == f"CPU kernels: baseline (this CPU runs: {supported})"
+
+
+def test_bad_cpu_isa_is_a_clear_error():
+    result = pnl("--version", env={"PNL_CPU_ISA": "avx1024"})
+    assert result.returncode != 0
+    assert "PNL_CPU_ISA=avx1024: unknown CPU instruction set 'avx1024'; expected avx512, avx2 or baseline" in (
+        result.stderr)
 
 
 def test_generate_prints_each_completion():

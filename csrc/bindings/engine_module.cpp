@@ -7,6 +7,7 @@
 #include <limits>
 #include <string>
 
+#include "ops/cpu_isa.h"
 #include "pnl/core/block_allocator.h"
 #include "pnl/core/scheduler.h"
 
@@ -242,10 +243,24 @@ void bind_engine(py::module_& m) {
       .def_property_readonly("num_free_blocks", [](const Scheduler& s) { return s.allocator().num_free_blocks(); });
 }
 
+void bind_cpu_isa(py::module_& m) {
+  using namespace pnl::ops;
+  m.def("cpu_isa", [] { return std::string(cpu_isa_name(cpu_isa())); },
+        "The instruction set of the CPU kernels in use: 'avx512', 'avx2' or 'baseline'.");
+  m.def("supported_cpu_isas", [] {
+    std::vector<std::string> names;
+    for (CpuIsa isa : supported_cpu_isas()) names.emplace_back(cpu_isa_name(isa));
+    return names;
+  }, "The instruction sets this build has kernels for and this CPU runs, best first.");
+  m.def("set_cpu_isa", [](std::string_view name) { set_cpu_isa(parse_cpu_isa(name)); }, py::arg("name"),
+        "Runs the CPU kernels of `name` from now on; ValueError if this build or CPU lacks them.");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Professional nano-vLLM engine core (C++) and torch ops (torch.ops.pnl)";
   m.attr("__version__") = PNL_VERSION;
   m.attr("torch_version") = PNL_TORCH_VERSION;  // the torch this binary was compiled against
   py::register_exception<ProtocolError>(m, "ProtocolError", PyExc_RuntimeError);
   bind_engine(m);
+  bind_cpu_isa(m);
 }

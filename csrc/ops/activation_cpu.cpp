@@ -1,12 +1,12 @@
 // CPU adapter of silu_and_mul: checks, dtype dispatch, one row per loop step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/activation.h"
 #include "pnl/kernels/cpu/activation.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 
 void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input) {
   const int64_t d = check_silu_and_mul(out, input);
@@ -24,6 +24,4 @@ void silu_and_mul_cpu(at::Tensor& out, const at::Tensor& input) {
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) { m.impl("silu_and_mul", &pnl::ops::silu_and_mul_cpu); }
+}  // namespace pnl::ops::PNL_CPU_ISA

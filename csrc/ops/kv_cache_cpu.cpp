@@ -1,12 +1,12 @@
 // CPU adapter of store_kv_cache: checks, dtype dispatch, one token per loop step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/kv_cache.h"
 #include "pnl/kernels/cpu/kv_cache.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 
 void store_kv_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                         const at::Tensor& slot_mapping) {
@@ -32,6 +32,4 @@ void store_kv_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tens
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) { m.impl("store_kv_cache", &pnl::ops::store_kv_cache_cpu); }
+}  // namespace pnl::ops::PNL_CPU_ISA

@@ -1,12 +1,12 @@
 // CPU adapter of linear: checks, dtype dispatch, the register-tile shape, and the work split.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/linear.h"
 #include "pnl/kernels/cpu/linear.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 namespace {
 
 /// Rows of x per work item: bounds what one item sweeps per panel of W (256 x 576 fp32 rows are
@@ -37,6 +37,27 @@ void run(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, con
   });
 }
 
+/// The register tiles (rows x blocks) of this instruction set: the sums, one block row of weights
+/// and a broadcast must fit its registers (32 zmm; 16 ymm, 2 a block; 16 xmm, 4 a block). A few
+/// rows (decoding) are bound by reading W: blocks side by side keep more loads in flight, and the
+/// hardware prefetcher follows one row's stream (our prefetch only slowed it). More rows are bound
+/// by the arithmetic: tall tiles reuse each load of W most.
+template <typename T>
+void run_tiles(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const T* bias,
+               const LinearShape& shape) {
+#if defined(__AVX512F__)
+  if (shape.rows <= 4) return run<T, 4, 4>(out, input, weight, bias, shape, false);
+  return run<T, 8, 3>(out, input, weight, bias, shape, true);
+#elif defined(__AVX2__)
+  if (shape.rows == 1) return run<T, 1, 4>(out, input, weight, bias, shape, false);
+  if (shape.rows <= 4) return run<T, 4, 1>(out, input, weight, bias, shape, true);
+  return run<T, 6, 1>(out, input, weight, bias, shape, true);
+#else
+  if (shape.rows == 1) return run<T, 1, 2>(out, input, weight, bias, shape, false);
+  return run<T, 2, 1>(out, input, weight, bias, shape, true);
+#endif
+}
+
 }  // namespace
 
 // out [M, N] = input [M, K] W^T + bias, W packed as weight [N / 16, K, 16]; bias [N] or None.
@@ -46,17 +67,8 @@ void linear_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& weig
   if (shape.rows == 0 || shape.num_blocks == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "linear_cpu", [&] {
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    // A few rows (decoding) are bound by reading W: 4 blocks side by side keep more loads in
-    // flight, and the hardware prefetcher follows the stream (our prefetch only slowed it). More
-    // rows are bound by the FMAs: 8 x 3 tiles reuse each load most.
-    if (shape.rows <= 4) {
-      run<scalar_t, 4, 4>(out, input, weight, b, shape, false);
-    } else {
-      run<scalar_t, 8, 3>(out, input, weight, b, shape, true);
-    }
+    run_tiles(out, input, weight, b, shape);
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) { m.impl("linear", &pnl::ops::linear_cpu); }
+}  // namespace pnl::ops::PNL_CPU_ISA

@@ -1,12 +1,12 @@
 // CPU adapters of rms_norm and fused_add_rms_norm: checks, dtype dispatch, one row per loop step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/norm.h"
 #include "pnl/kernels/cpu/norm.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 namespace {
 
 /// Rows per at::parallel_for chunk: about torch's grain of elementwise work.
@@ -48,9 +48,4 @@ void fused_add_rms_norm_cpu(at::Tensor& input, at::Tensor& residual, const at::T
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) {
-  m.impl("rms_norm", &pnl::ops::rms_norm_cpu);
-  m.impl("fused_add_rms_norm", &pnl::ops::fused_add_rms_norm_cpu);
-}
+}  // namespace pnl::ops::PNL_CPU_ISA

@@ -6,18 +6,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
 #include <vector>
 
+#include "ops/cpu_ops.h"
 #include "ops/paged_attention.h"
 #include "pnl/kernels/cpu/decode_tile.h"
 #include "pnl/kernels/cpu/paged_attention.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 namespace {
 
 /// Keys per decode partition, at most: a longer sequence is split, and the parts merged.
@@ -253,9 +253,4 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query, const 
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) {
-  m.impl("paged_attention_prefill", &pnl::ops::paged_attention_prefill_cpu);
-  m.impl("paged_attention_decode", &pnl::ops::paged_attention_decode_cpu);
-}
+}  // namespace pnl::ops::PNL_CPU_ISA

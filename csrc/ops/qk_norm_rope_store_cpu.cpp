@@ -1,12 +1,12 @@
 // CPU adapter of qk_norm_rope_store: checks, dtype dispatch, one token per loop step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/qk_norm_rope_store.h"
 #include "pnl/kernels/cpu/qk_norm_rope_store.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 
 void qk_norm_rope_store_cpu(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& q_weight, const at::Tensor& k_weight, double eps,
@@ -45,6 +45,4 @@ void qk_norm_rope_store_cpu(const at::Tensor& positions, at::Tensor& query, at::
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) { m.impl("qk_norm_rope_store", &pnl::ops::qk_norm_rope_store_cpu); }
+}  // namespace pnl::ops::PNL_CPU_ISA

@@ -1,12 +1,12 @@
 // CPU adapter of rotary_embedding: checks, dtype dispatch, one token per loop step.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
+#include "ops/cpu_ops.h"
 #include "ops/rotary.h"
 #include "pnl/kernels/cpu/rotary.h"
 
-namespace pnl::ops {
+namespace pnl::ops::PNL_CPU_ISA {
 
 void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                           const at::Tensor& cos_sin_cache, int64_t head_size) {
@@ -42,6 +42,4 @@ void rotary_embedding_cpu(const at::Tensor& positions, at::Tensor& query, at::Te
   });
 }
 
-}  // namespace pnl::ops
-
-TORCH_LIBRARY_IMPL(pnl, CPU, m) { m.impl("rotary_embedding", &pnl::ops::rotary_embedding_cpu); }
+}  // namespace pnl::ops::PNL_CPU_ISA

@@ -18,6 +18,14 @@ if _C.__version__ != __version__ or _C.torch_version != torch.__version__:
         "rebuild it: pip install --no-build-isolation -e ."
     )
 
+# PNL_CPU_ISA=avx512|avx2|baseline forces the CPU kernels of one instruction set (tests, diagnosis);
+# by default the best one this CPU runs is in use.
+if os.environ.get("PNL_CPU_ISA"):
+    try:
+        _C.set_cpu_isa(os.environ["PNL_CPU_ISA"])
+    except ValueError as e:
+        raise ImportError(f"PNL_CPU_ISA={os.environ['PNL_CPU_ISA']}: {e}") from None
+
 _logger = logging.getLogger(__name__)
 if not _logger.handlers:  # an application that configured our logger keeps its own setup
     _handler = logging.StreamHandler()

@@ -10,6 +10,13 @@ import sys
 from professional_nano_llm import __version__
 
 
+def _version() -> str:
+    from professional_nano_llm import ops
+
+    return (f"professional-nano-llm {__version__}\n"
+            f"CPU kernels: {ops.cpu_isa()} (this CPU runs: {', '.join(ops.supported_cpu_isas())})")
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("engine")
     g.add_argument("--model", default=None, help="HF folder, .gguf file or hub id (default: bundled SmolLM2-135M)")
@@ -196,8 +203,10 @@ def _chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pnl", description="Professional nano-vLLM")
-    parser.add_argument("--version", action="version", version=f"professional-nano-llm {__version__}")
+    # Raw text: the version's two lines stay two lines.
+    parser = argparse.ArgumentParser(prog="pnl", description="Professional nano-vLLM",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete prompts and print the results")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")

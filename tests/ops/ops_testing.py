@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from professional_nano_llm import ops
+
+# A CPU case runs once per instruction set this build has kernels for and this CPU runs (conftest.py
+# switches to it), so an AVX-512 machine tests the AVX2 and baseline kernels too.
+CPU_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.cpu_isa(isa), id=f"cpu-{isa}") for isa in ops.supported_cpu_isas()
+]
 # CUDA kernels register later; a CUDA run is opted into with -m cuda, never skipped.
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+DEVICES = [*CPU_DEVICES, pytest.param("cuda", marks=pytest.mark.cuda)]
 
 # Elementwise outputs: vLLM's defaults (from PyTorch's), float64 near exact.
 TOLERANCES = {

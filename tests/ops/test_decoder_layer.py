@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_testing import DEVICES, TOLERANCES, paged_kv
+from ops_testing import CPU_DEVICES, DEVICES, TOLERANCES, paged_kv
 from professional_nano_llm import ops
 from professional_nano_llm.layers.attention import AttentionMetadata
 from professional_nano_llm.layers.linear import prepack_weight
@@ -86,28 +86,31 @@ STEPS = {
 }
 
 
+@pytest.mark.parametrize("device", CPU_DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("heads", [(4, 2), (4, 1), (2, 2)], ids=["gqa", "mqa", "mha"])
 @pytest.mark.parametrize("step", list(STEPS))
 @pytest.mark.parametrize("layout", ["prepacked", "plain"])
-def test_matches_ref_float32(arch, heads, step, layout):
-    args = make_layer(arch, *heads, 32, **STEPS[step], block_size=16, dtype=torch.float32, device="cpu")
+def test_matches_ref_float32(device, arch, heads, step, layout):
+    args = make_layer(arch, *heads, 32, **STEPS[step], block_size=16, dtype=torch.float32, device=device)
     check_against_ref(args, layout, atol=5e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", CPU_DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("block_size", [8, 256])
-def test_head_dim_64_and_block_sizes(arch, block_size):
-    args = make_layer(arch, 4, 2, 64, **STEPS["mixed"], block_size=block_size, dtype=torch.float32, device="cpu")
+def test_head_dim_64_and_block_sizes(device, arch, block_size):
+    args = make_layer(arch, 4, 2, 64, **STEPS["mixed"], block_size=block_size, dtype=torch.float32, device=device)
     check_against_ref(args, "prepacked", atol=5e-5, rtol=1e-5)
 
 
 # The reference rounds to bfloat16 wherever the op stores, so on CPU both agree to the bit here;
 # the elementwise table still allows an ulp flipped by another summation order.
+@pytest.mark.parametrize("device", CPU_DEVICES)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("layout", ["prepacked", "plain"])
-def test_matches_ref_bfloat16(arch, layout):
-    args = make_layer(arch, 4, 2, 32, **STEPS["mixed"], block_size=16, dtype=torch.bfloat16, device="cpu")
+def test_matches_ref_bfloat16(device, arch, layout):
+    args = make_layer(arch, 4, 2, 32, **STEPS["mixed"], block_size=16, dtype=torch.bfloat16, device=device)
     check_against_ref(args, layout, **TOLERANCES[torch.bfloat16])
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ops_testing import DEVICES, TOLERANCES, poisoned, strided_rows
 
 from professional_nano_llm import ops
+from professional_nano_llm.layers import linear as linear_module
 from professional_nano_llm.layers.linear import Linear, linear
 from professional_nano_llm.ops import ref
 
@@ -20,14 +21,14 @@ def oracle(x, packed, bias):
     return ref.linear(x.double(), packed.double(), None if bias is None else bias.double())
 
 
-# rows: 1-4 take the 4-block tiles, 5+ the 8 x 3 tiles with every tail height, 257+ more than one
-# row chunk; out_features: whole panels of 3 and 4 blocks, and tails of 1 and 2 blocks.
+# rows: each instruction set's few-row tiles (1, 2-4) and tall tiles split into every height (5-17),
+# 257+ more than one row chunk; out_features: whole panels of 1, 2, 3 and 4 blocks and tails of them.
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize(
     "rows,out_features,in_features",
-    [(1, 64, 96), (2, 48, 17), (3, 80, 1), (4, 16, 576), (5, 176, 40), (7, 48, 33), (8, 96, 64),
-     (13, 960, 576), (64, 112, 1536), (257, 32, 8), (600, 208, 24)],
+    [(1, 64, 96), (1, 80, 33), (2, 48, 17), (3, 80, 1), (4, 16, 576), (5, 176, 40), (6, 32, 12), (7, 48, 33),
+     (8, 96, 64), (9, 48, 20), (13, 960, 576), (17, 64, 9), (64, 112, 1536), (257, 32, 8), (600, 208, 24)],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(device, dtype, rows, out_features, in_features, bias):
@@ -86,10 +87,16 @@ def test_linear_rejects_mixed_dtypes():
         ops.linear(torch.zeros(4, 32), torch.zeros(4, 8), torch.zeros(2, 8, 16, dtype=torch.float64), None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bfloat16 goes to oneDNN where it has a bf16 path on this CPU (AVX-512 BW/VL/DQ), else to pnl.linear.
+ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+LAYOUTS = [(torch.float32, "packed"), (torch.bfloat16, "packed")] + ([(torch.bfloat16, "onednn")] if ONEDNN_BF16 else [])
+
+
+@pytest.mark.parametrize("dtype, layout", LAYOUTS)
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_prepacked_linear_layer(dtype, rows, bias):
+def test_prepacked_linear_layer(dtype, layout, rows, bias, monkeypatch):
+    monkeypatch.setattr(linear_module, "_ONEDNN_BF16_LINEAR", layout == "onednn")
     layer = Linear(96, 208, bias, dtype)
     torch.nn.init.normal_(layer.weight)
     if bias:
@@ -98,10 +105,10 @@ def test_prepacked_linear_layer(dtype, rows, bias):
     x = torch.randn(2, rows, 96, dtype=dtype)  # leading dims are flattened and restored
     layer.prepack()
     layer.prepack()  # idempotent
-    if dtype == torch.float32:
+    if layout == "packed":
         assert layer.weight.shape == (13, 96, 16)  # pnl.linear runs
     else:
-        assert layer.weight.is_mkldnn  # oneDNN's bf16 path (torch's x86 CPU builds have oneDNN)
+        assert layer.weight.is_mkldnn
     expected = F.linear(x.double(), weight.double(), None if b is None else b.double())
     torch.testing.assert_close(layer(x).double(), expected, **LINEAR_TOLERANCES[dtype])
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ops_testing import DEVICES, paged_kv, strided_rows
+from ops_testing import CPU_DEVICES, DEVICES, paged_kv, strided_rows
 from professional_nano_llm import ops
 from professional_nano_llm.ops import ref
 
@@ -278,21 +278,23 @@ def test_paged_attention_full_table(device):
         run_decode([context], (4, 2, 64), 16, torch.float32, device)
 
 
+@pytest.mark.parametrize("device", CPU_DEVICES)
 @pytest.mark.parametrize("group", range(1, 10))
-def test_paged_attention_decode_every_group(group):
+def test_paged_attention_decode_every_group(device, group):
     """Each GQA group size of the CPU's head_dim-vectorised decode tiles (1-8) and the first beyond
     them, at a head_dim (72) that leaves a tail after the SIMD vectors."""
-    run_decode([1, 40, 257, 600], (2 * group, 2, 72), 16, torch.float32, "cpu")
+    run_decode([1, 40, 257, 600], (2 * group, 2, 72), 16, torch.float32, device)
 
 
+@pytest.mark.parametrize("device", CPU_DEVICES)
 @pytest.mark.parametrize("context_len", [1, 33, 100, 300, 1000])
 @pytest.mark.parametrize("heads", [(9, 3, 64), (16, 1, 256)])
-def test_paged_attention_decode_lone_sequence(context_len, heads):
+def test_paged_attention_decode_lone_sequence(device, context_len, heads):
     """With fewer sequences than threads, the CPU splits the context into smaller partitions (down
     to 32 keys) and merges them; 4 threads force the split on any machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        run_decode([context_len], heads, 16, torch.float32, "cpu")
+        run_decode([context_len], heads, 16, torch.float32, device)
     finally:
         torch.set_num_threads(threads)

@@ -12,18 +12,21 @@ from professional_nano_llm import ops
 # features (ops.pack_linear_weight). Measured over SmolLM2's layers on 2 Zen 4 cores, decoding one
 # sequence reads them at 27-33 GB/s where torch's best path (oneDNN on its own prepacked layout)
 # reads 16-18, and 32-row steps run at ~190 GFLOP/s against its 113-138. bfloat16 weights go to
-# oneDNN's prepacked layout instead: its bf16 dot-product instructions (AVX512-BF16) run batched
-# steps about 2x faster than pnl.linear's fp32 FMAs. GPUs keep the plain weight for cuBLAS.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's prepacked layout instead where the CPU has oneDNN's bf16 path (AVX-512 BW/VL/DQ or
+# AVX-NE-CONVERT): its bf16 dot-product instructions run batched steps about 2x faster than
+# pnl.linear's fp32 FMAs. Without them (AVX2 CPUs) oneDNN refuses to pack bf16, and pnl.linear,
+# which widens bf16 to fp32 as it loads, beats F.linear 2-3.6x. GPUs keep the plain weight for cuBLAS.
+_ONEDNN_BF16_LINEAR = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] weight -> the layout `linear` runs fastest on this device: on CPU, [out / 16, in, 16]
-    blocks (out a multiple of 16, as in every supported model), or a oneDNN tensor for bfloat16;
-    elsewhere unchanged."""
+    blocks (out a multiple of 16, as in every supported model), or a oneDNN tensor for bfloat16 where
+    oneDNN has a bf16 path on this CPU; elsewhere unchanged."""
     if weight.dim() == 3 or weight.is_mkldnn or weight.device.type != "cpu":
         return weight  # already packed, or a GPU's
-    if weight.dtype == torch.bfloat16 and _ONEDNN_LINEAR:
+    if weight.dtype == torch.bfloat16 and _ONEDNN_BF16_LINEAR:
         return torch.ops.mkldnn._reorder_linear_weight(weight)
     if weight.shape[0] % ops.LINEAR_BLOCK == 0:
         return ops.pack_linear_weight(weight)

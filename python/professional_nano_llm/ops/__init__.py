@@ -9,9 +9,25 @@ from __future__ import annotations
 
 import torch
 
-from professional_nano_llm import _C  # noqa: F401  (registers torch.ops.pnl)
+from professional_nano_llm import _C  # registers torch.ops.pnl
 
 _ops = torch.ops.pnl
+
+
+def cpu_isa() -> str:
+    """The instruction set of the CPU kernels in use: "avx512", "avx2" or "baseline"."""
+    return _C.cpu_isa()
+
+
+def supported_cpu_isas() -> list[str]:
+    """The instruction sets this build has CPU kernels for and this CPU runs, best first."""
+    return _C.supported_cpu_isas()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Runs the CPU kernels of `name` from now on (as PNL_CPU_ISA does at import); ValueError if
+    this build or this CPU lacks them."""
+    _C.set_cpu_isa(name)
 
 
 def store_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:

@@ -6,6 +6,7 @@
 #include "pnl/kernels/cpu/common.h"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// out[i] = silu(gate[i]) * up[i] with silu(x) = x / (1 + exp(-x)), in fp32 (fp64 for double),
 /// rounded once.
@@ -21,4 +22,5 @@ inline void silu_and_mul_row(T* __restrict out,           // [d]
   }
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu

@@ -2,6 +2,10 @@
 // split over lanes. Torch-free: T is float, double, c10::Half or c10::BFloat16 (the last two
 // convert to and from float implicitly).
 //
+// The kernels are compiled once per instruction set (CMakeLists.txt, PNL_CPU_ISAS), each copy in an
+// inline namespace named after its set, so that no two copies share a symbol the linker could
+// merge: an AVX-512 copy must never stand in for the one an AVX2 CPU runs.
+//
 // GCC vectorizes a float reduction only when told it may reassociate (-ffast-math), which we do not
 // pass; so sums and maxima keep kLanes independent partial results, one SIMD register's worth, and
 // combine them at the end.
@@ -13,14 +17,19 @@
 #include <limits>
 #include <type_traits>
 
+#ifndef PNL_CPU_ISA
+#error "the CPU kernels are compiled per instruction set: define PNL_CPU_ISA (baseline, avx2 or avx512)"
+#endif
+
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// float for float, half and bfloat16; double for double (so tests can use a float64 oracle).
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-/// Bytes of the widest SIMD register the build targets (-march=native on the build machine, see
-/// PNL_CPU_NATIVE): register tiles are sized so their sums fit the register file.
+/// Bytes of the widest SIMD register of the instruction set compiled for: register tiles are sized
+/// so their sums fit the register file.
 #if defined(__AVX512F__)
 inline constexpr int kVectorBytes = 64;
 #elif defined(__AVX__)
@@ -118,4 +127,5 @@ inline void prefetch_l2(const void* p) {
 /// x rounded up to a multiple of m.
 inline constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu

@@ -25,6 +25,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// Largest GQA group of the head_dim-vectorised path; larger groups fill AttentionTile's lanes.
 inline constexpr int kMaxDecodeGroup = 8;
@@ -266,6 +267,7 @@ class DecodeTile {
   const Acc* v_rows_[kKeyTile];   // the tile's V token rows, [num_kv_heads * head_dim] each
 };
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu
 
 #pragma GCC diagnostic pop

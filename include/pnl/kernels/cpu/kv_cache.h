@@ -8,6 +8,7 @@
 #include <cstring>
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// Copies one token's key and value heads into its cache slot (a plain copy: no dtype change).
 template <typename T>
@@ -35,4 +36,5 @@ inline void store_kv_token(const T* __restrict key,    // [num_kv_heads, head_di
   }
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu

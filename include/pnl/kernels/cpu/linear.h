@@ -2,19 +2,18 @@
 // Torch-free; T is float, double, c10::Half or c10::BFloat16, and sums are in Acc = acc_t<T>.
 //
 // Packed layout: W [N, K] becomes [N / 16, K, 16], block b holding features [16 b, 16 b + 16)
-// with, for each k, their 16 weights side by side. A register tile of RM rows of x and RN blocks
-// then runs along k as RN vector loads, RM broadcasts and RM x RN vector FMAs, with no horizontal
-// sums; each block is read front to back, so one row (decoding) streams the weight at memory
-// speed. Measured on 2 Zen 4 cores over SmolLM2's 30 layers: 27-33 GB/s at M = 1 (a plain sum
-// streams 27-32; oneDNN's prepacked weight 16-18), 187-193 GFLOP/s at M = 32 (oneDNN 113-138)
-// and 200-214 at M >= 64.
+// with, for each k, their 16 weights side by side (one zmm, two ymm or four xmm of fp32: the same
+// layout serves every instruction set). A register tile of RM rows of x and RN blocks then runs
+// along k as RN blocks of vector loads, RM broadcasts and RM x RN blocks of vector FMAs, with no
+// horizontal sums; each block is read front to back, so one row (decoding) streams the weight at
+// memory speed. The tile shapes of each instruction set are linear_cpu.cpp's, and the README's
+// Benchmarks section has their measurements.
 //
 // Each tile also prefetches a share of the next panel of W that its thread will compute, spread
 // over its k loop (SpreadPrefetch). Without it, a panel's first row tile streams the panel from
 // DRAM faster than two cores' bandwidth allows while the later tiles read L2 and leave DRAM idle.
-// Over SmolLM2's matmuls (a standalone loop, A/B in one process), 8-32 rows (decode steps, on
-// 8 x 3 tiles) ran 4-22 % faster with it; 1-4 rows (the 4 x 4 tiles, one pass over W, which the
-// hardware prefetcher follows) ran 5-10 % slower, so those take none.
+// Steps of 4 to 32 rows run faster with it; one row (one pass over W, which the hardware prefetcher
+// follows) runs slower, so it takes none.
 #pragma once
 
 #include <algorithm>
@@ -28,21 +27,29 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
-/// Output features per packed block: one 64-byte vector of fp32.
+/// Output features per packed block: 64 bytes of fp32, whatever the instruction set.
 inline constexpr int64_t kLinearBlock = 16;
 
+/// Acc lanes of one SIMD register, and registers per packed block: 16 and 1 on AVX-512, 8 and 2
+/// on AVX2, 4 and 4 on SSE2 (for fp32; double, the float64 oracle's path, takes twice as many).
 template <typename Acc>
-using LinearVec = Vec<Acc, kLinearBlock>;
+inline constexpr int kAccLanes = kVectorBytes / static_cast<int>(sizeof(Acc));
+template <typename Acc>
+inline constexpr int kVecsPerBlock = kLinearBlock / kAccLanes<Acc>;
 
-/// The 16 weights of one block at one k, widened to Acc.
+template <typename Acc>
+using AccVec = Vec<Acc, kAccLanes<Acc>>;
+
+/// One register of weights (or bias) at p, widened to Acc.
 template <typename Acc, typename T>
-inline LinearVec<Acc> load_block(const T* __restrict p) {  // p [16]
+inline AccVec<Acc> load_lanes(const T* __restrict p) {  // p [kAccLanes]
   if constexpr (std::is_same_v<T, Acc>) {
-    return load_vec<LinearVec<Acc>>(p);
+    return load_vec<AccVec<Acc>>(p);
   } else {
-    LinearVec<Acc> v;
-    for (int l = 0; l < kLinearBlock; ++l) v[l] = static_cast<Acc>(p[l]);
+    AccVec<Acc> v;
+    for (int l = 0; l < kAccLanes<Acc>; ++l) v[l] = static_cast<Acc>(p[l]);
     return v;
   }
 }
@@ -71,7 +78,8 @@ struct NoPrefetch {
 };
 
 /// y[RM, RN * 16] = x[RM, k] W^T (+ bias) for RN consecutive packed blocks starting at w.
-/// The RM x RN sums live in registers: 8 x 3 or 4 x 4 of them fill AVX-512's 32 with the loads.
+/// The RM x RN x kVecsPerBlock sums live in registers, which the caller's tile shape must fit with
+/// one block row of weights (linear_cpu.cpp).
 template <typename T, int RM, int RN, typename Prefetch>
 inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 16], rows y_stride apart
                         const T* __restrict x, int64_t x_stride,  // [RM, k], rows x_stride apart
@@ -79,66 +87,70 @@ inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 1
                         const T* __restrict bias,                 // [RN * 16], or null
                         int64_t k, Prefetch prefetch) {
   using Acc = acc_t<T>;
-  using V = LinearVec<Acc>;
-  V acc[RM][RN];
+  using V = AccVec<Acc>;
+  constexpr int L = kAccLanes<Acc>;
+  constexpr int C = RN * kVecsPerBlock<Acc>;  // registers across the tile's 16 RN features
+  V acc[RM][C];
 #pragma GCC unroll 8
   for (int i = 0; i < RM; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < RN; ++j) acc[i][j] = V{};
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) acc[i][c] = V{};
   }
   const int64_t block_stride = k * kLinearBlock;
   for (int64_t kk = 0; kk < k; ++kk) {
     prefetch.step();
-    V wv[RN];
-#pragma GCC unroll 4
-    for (int j = 0; j < RN; ++j) wv[j] = load_block<Acc>(w + j * block_stride + kk * kLinearBlock);
+    V wv[C];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) wv[c] = load_lanes<Acc>(w + c / kVecsPerBlock<Acc> * block_stride + kk * kLinearBlock + c % kVecsPerBlock<Acc> * L);
 #pragma GCC unroll 8
     for (int i = 0; i < RM; ++i) {
       const Acc xi = static_cast<Acc>(x[i * x_stride + kk]);
-#pragma GCC unroll 4
-      for (int j = 0; j < RN; ++j) acc[i][j] += xi * wv[j];
+#pragma GCC unroll 16
+      for (int c = 0; c < C; ++c) acc[i][c] += xi * wv[c];
     }
   }
-#pragma GCC unroll 4
-  for (int j = 0; j < RN; ++j) {
-    const V b = bias == nullptr ? V{} : load_block<Acc>(bias + j * kLinearBlock);
+#pragma GCC unroll 16
+  for (int c = 0; c < C; ++c) {
+    const V b = bias == nullptr ? V{} : load_lanes<Acc>(bias + c * L);
 #pragma GCC unroll 8
     for (int i = 0; i < RM; ++i) {
-      const V out = acc[i][j] + b;
-      T* __restrict dst = y + i * y_stride + j * kLinearBlock;
+      const V out = acc[i][c] + b;
+      T* __restrict dst = y + i * y_stride + c * L;
       if constexpr (std::is_same_v<T, Acc>) {
         store_vec(dst, out);
       } else {
-        for (int l = 0; l < kLinearBlock; ++l) dst[l] = static_cast<T>(out[l]);
+        for (int l = 0; l < L; ++l) dst[l] = static_cast<T>(out[l]);
       }
     }
   }
 }
 
-/// One register tile of the last `rows` (< R + 1) rows: the tile of exactly that height.
+/// One register tile of `rows` (<= R) rows: the tile of exactly that height.
 template <typename T, int R, int RN, typename Prefetch>
-inline void linear_tail(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
+inline void linear_tile_up_to(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
                         int64_t rows, Prefetch prefetch) {
   if constexpr (R >= 1) {
     if (rows == R) {
       linear_tile<T, R, RN>(y, y_stride, x, x_stride, w, bias, k, prefetch);
     } else {
-      linear_tail<T, R - 1, RN>(y, y_stride, x, x_stride, w, bias, k, rows, prefetch);
+      linear_tile_up_to<T, R - 1, RN>(y, y_stride, x, x_stride, w, bias, k, rows, prefetch);
     }
   }
 }
 
-/// All `rows` rows of x against RN blocks: tiles of RM rows, then one tile of the rest; tile t
+/// All `rows` rows of x against RN blocks, in as few tiles of at most RM rows as fit them, their
+/// heights differing by at most one (9 rows on 8-row tiles are 5 + 4, not 8 + a thin 1); tile t
 /// prefetches prefetch_for(t).
 template <typename T, int RM, int RN, typename PrefetchFor>
 void linear_tiles(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
                   int64_t rows, PrefetchFor prefetch_for) {
-  int64_t i = 0;
-  for (; i + RM <= rows; i += RM) {
-    linear_tile<T, RM, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, prefetch_for(i / RM));
+  const int64_t tiles = (rows + RM - 1) / RM;
+  for (int64_t t = 0, i = 0; t < tiles; ++t) {
+    const int64_t height = (rows - i) / (tiles - t);
+    linear_tile_up_to<T, RM, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, height,
+                           prefetch_for(t));
+    i += height;
   }
-  linear_tail<T, RM - 1, RN>(y + i * y_stride, y_stride, x + i * x_stride, x_stride, w, bias, k, rows - i,
-                             prefetch_for(i / RM));
 }
 
 /// All `rows` rows of x against RN blocks. The tiles share the prefetch of next_bytes bytes at next
@@ -188,6 +200,7 @@ void linear_panel(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T*
   }
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu
 
 #pragma GCC diagnostic pop

@@ -8,6 +8,7 @@
 #include "pnl/kernels/cpu/common.h"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// out = in / sqrt(mean(in^2) + eps) * weight. out may be in itself (in place), so no __restrict:
 /// each element is read before it is written.
@@ -42,4 +43,5 @@ inline void fused_add_rms_norm_row(T* __restrict x,         // [hidden]
   }
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu

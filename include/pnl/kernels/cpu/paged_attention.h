@@ -30,6 +30,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// Keys per tile of the online softmax.
 inline constexpr int64_t kKeyTile = 32;
@@ -377,6 +378,7 @@ void merge_partitions(T* __restrict out,            // [head_dim]
   for (int64_t d = 0; d < head_dim; ++d) out[d] = static_cast<T>(scratch[d] * inv_total);
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu
 
 #pragma GCC diagnostic pop

@@ -12,6 +12,7 @@
 #include "pnl/kernels/cpu/rotary.h"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// The heads of one token of a [T, heads, head_dim] tensor.
 template <typename T>
@@ -44,4 +45,5 @@ inline void qk_norm_rope_store_token(TokenHeads<T> q, TokenHeads<T> k, TokenHead
   if (k_slot != nullptr) store_kv_token(k.data, k.stride, v.data, v.stride, k_slot, v_slot, k.count, head_dim);
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu

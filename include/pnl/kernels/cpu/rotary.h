@@ -10,6 +10,7 @@
 #include "pnl/kernels/cpu/common.h"
 
 namespace pnl::kernels::cpu {
+inline namespace PNL_CPU_ISA {
 
 /// Rotates the first 2 * half dims of num_heads heads of one token, in place.
 template <typename T, typename C>
@@ -32,4 +33,5 @@ inline void rotary_embedding_token(T* x,                       // [num_heads, he
   }
 }
 
+}  // namespace PNL_CPU_ISA
 }  // namespace pnl::kernels::cpu
