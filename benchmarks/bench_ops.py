@@ -20,10 +20,7 @@ with PNL_CPU_ISA set and torch's own kernels held to the same set (machine.TORCH
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -33,7 +30,7 @@ import torch.nn.functional as F
 from professional_nano_llm import ops
 from professional_nano_llm.ops import ref
 
-from machine import TORCH_ISA_LIMITS, describe_cpu
+from machine import TORCH_ISA_LIMITS, describe_cpu, run_per_isa
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, BLOCK = 576, 9, 3, 64, 1536, 16
 PROJECTIONS = {  # out_features x in_features of SmolLM2's matmuls
@@ -198,16 +195,6 @@ def cases(dtype, device):
     )
 
 
-def run_per_isa(isas: list[str]) -> None:
-    """This benchmark again, once per instruction set, each in a process of its own."""
-    argv = [a for a in sys.argv[1:] if a != "--isa" and a not in TORCH_ISA_LIMITS]
-    for isa in isas or ops.supported_cpu_isas():
-        env = {**os.environ, **TORCH_ISA_LIMITS[isa], "PNL_CPU_ISA": isa}
-        limits = " ".join(f"{k}={v}" for k, v in TORCH_ISA_LIMITS[isa].items()) or "none"
-        print(f"\n### {isa} (torch limited by: {limits})", flush=True)
-        subprocess.run([sys.executable, __file__, *argv], env=env, check=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,7 +207,7 @@ def main() -> None:
                         help="run once per CPU instruction set (default: every one this CPU runs)")
     args = parser.parse_args()
     if args.isa is not None:
-        run_per_isa(args.isa)
+        run_per_isa(__file__, args.isa)
         return
     repeat = 5 if args.quick else args.repeat
     torch.manual_seed(0)

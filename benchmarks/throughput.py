@@ -6,6 +6,7 @@ longest output length; every token it generates is counted, padding rows include
 it. Single stream: one 128-token prompt, 128 new tokens, for both.
 
     python benchmarks/throughput.py [--model PATH] [--no-baseline] [--dtype float32] [--repeat 3]
+                                    [--isa [avx512 avx2 baseline]]
     python benchmarks/throughput.py --workload nano-bench [--model PATH] [--enforce-eager]
 
 ``--workload nano-bench`` reproduces nano-vLLM's bench.py on the GPU: Qwen3-0.6B (random bf16
@@ -23,6 +24,10 @@ Each measurement is repeated (ours and transformers interleaved, so both see the
 noise) and the median is reported. Each of our runs starts from an empty prefix cache, so a repeat
 prefills its prompts again like the first run.
 
+The header names the CPU and the instruction set of our CPU kernels. --isa runs the benchmark once
+per instruction set named (all this CPU runs, if none is), each in a fresh process with PNL_CPU_ISA
+set and torch, hence transformers, held to the same set (machine.TORCH_ISA_LIMITS).
+
 The last line printed is one JSON object for comparing commits.
 """
 
@@ -30,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -39,9 +43,11 @@ from pathlib import Path
 
 import torch
 
-from professional_nano_llm import ProfessionalLLM, SamplingParams, __version__
+from professional_nano_llm import ProfessionalLLM, SamplingParams, __version__, ops
 from professional_nano_llm.layers.linear import Linear, linear, prepack_weight
 from professional_nano_llm.loader import resolve_model
+
+from machine import TORCH_ISA_LIMITS, describe_cpu, run_per_isa
 
 
 def workload(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
@@ -195,7 +201,12 @@ def main() -> None:
     parser.add_argument("--workload", default="cpu", choices=["cpu", "nano-bench"],
                         help="cpu: the 32-request CPU workload above; nano-bench: nano-vLLM's bench.py on a GPU")
     parser.add_argument("--enforce-eager", action="store_true", help="nano-bench without CUDA graphs")
+    parser.add_argument("--isa", nargs="*", choices=list(TORCH_ISA_LIMITS), default=None,
+                        help="run once per CPU instruction set (default: every one this CPU runs)")
     args = parser.parse_args()
+    if args.isa is not None:
+        run_per_isa(__file__, args.isa)
+        return
     if args.workload == "nano-bench":
         nano_bench(args)
         return
@@ -228,6 +239,7 @@ def main() -> None:
         "ours_tok_s": ours_tokens / t["ours"],
         "single_stream_ours_tok_s": single_len / t["ours_single"],
         "repeat": args.repeat,
+        "cpu_isa": ops.cpu_isa(),
     }
     if hf is not None:
         rows += [("transformers, 32 in one batch", hf_tokens, t["hf"]),
@@ -243,7 +255,8 @@ def main() -> None:
         result["single_stream_ratio"] = result["single_stream_ours_tok_s"] / result["single_stream_hf_tok_s"]
 
     print(f"professional-nano-llm {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, model {args.model or 'bundled SmolLM2-135M'} {args.dtype}")
+          f"model {args.model or 'bundled SmolLM2-135M'} {args.dtype}")
+    print(describe_cpu())
     print(f"median of {args.repeat} run(s)")
     print(f"{'run':32} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
     for name, tokens, seconds in rows:

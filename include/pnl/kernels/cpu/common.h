@@ -28,14 +28,20 @@ inline namespace PNL_CPU_ISA {
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
-/// Bytes of the widest SIMD register of the instruction set compiled for: register tiles are sized
-/// so their sums fit the register file.
+/// Bytes of the widest SIMD register of the instruction set compiled for, and how many such
+/// registers it has: register tiles are sized so their sums fit the register file.
 #if defined(__AVX512F__)
 inline constexpr int kVectorBytes = 64;
+inline constexpr int kVectorRegisters = 32;
 #elif defined(__AVX__)
 inline constexpr int kVectorBytes = 32;
+inline constexpr int kVectorRegisters = 16;
+#elif defined(__aarch64__)
+inline constexpr int kVectorBytes = 16;  // NEON
+inline constexpr int kVectorRegisters = 32;
 #else
-inline constexpr int kVectorBytes = 16;  // SSE2, NEON
+inline constexpr int kVectorBytes = 16;  // SSE2
+inline constexpr int kVectorRegisters = 16;
 #endif
 
 /// floats per SIMD register: the partial results of a lane-split reduction, and the width of the

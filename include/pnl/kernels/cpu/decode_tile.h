@@ -207,12 +207,14 @@ class DecodeTile {
   }
 
   /// out_r = out_r * alpha_r + sum_j p[r][j] v_j, per KV head in register tiles of its G heads x
-  /// 2 (then 1) x kLanes dims; the tail of head_dim one dim at a time.
+  /// 2 (then 1) x kLanes dims, or 1 x kLanes where 2 G sums would not fit the registers with the
+  /// V loads; the tail of head_dim one dim at a time.
   void accumulate(int64_t n) {
+    constexpr int kWide = 2 * G + 3 <= kVectorRegisters ? 2 : 1;
     const int64_t dim = head_dim_;
     for (int64_t h = 0; h < kv_heads_; ++h) {
       int64_t d0 = 0;
-      for (; d0 + 2 * kLanes <= dim; d0 += 2 * kLanes) accumulate_dims<2>(h, d0, n);
+      for (; d0 + kWide * kLanes <= dim; d0 += kWide * kLanes) accumulate_dims<kWide>(h, d0, n);
       for (; d0 + kLanes <= dim; d0 += kLanes) accumulate_dims<1>(h, d0, n);
       for (; d0 < dim; ++d0) {
         for (int64_t r = h * G; r < (h + 1) * G; ++r) {

@@ -38,9 +38,9 @@ inline constexpr int64_t kKeyTile = 32;
 inline constexpr int64_t kKeyBlock = 8;
 /// Query rows per register tile of the output loop.
 inline constexpr int64_t kRowBlock = 4;
-/// Rows side by side (AttentionTile's W) for tiles of many rows: 16 when a register holds 16 floats
-/// (kKeyBlock of them then fill half of AVX-512's 32 registers), else 8.
-inline constexpr int kWideRows = kLanes >= 16 ? 16 : 8;
+/// Rows side by side (AttentionTile's W) for tiles of many rows: one register of floats (at least
+/// kRowBlock), so the kKeyBlock score sums fit the register file with room to spare.
+inline constexpr int kWideRows = kLanes >= kRowBlock ? kLanes : kRowBlock;
 
 /// Query tokens per prefill tile: the GQA group times as many tokens as keep the transposed
 /// queries near 16 KiB of fp32, at least one token.
