@@ -8,8 +8,10 @@ Decode attention is 32 sequences of 512 context tokens; prefill attention is one
 tokens (and 64 and 1024 against SDPA only); the other ops run on 32 (decode) and 256 (prefill)
 tokens. The baseline is ops.ref (the test oracle); attention is also timed against torch's
 scaled_dot_product_attention on K/V already gathered out of the cache, which is the best case for
-torch. linear (float32, the engine's CPU matmul) runs at 1, 8, 32 and 256 rows on each of SmolLM2's
-projections against F.linear on the plain weight. Each time is the median of --repeat runs, in µs;
+torch. Ours and the baseline are timed in alternation. linear (float32, the engine's CPU matmul) runs at 1 to 256 rows on each of SmolLM2's
+projections against F.linear on the plain weight; a summary per row count gives both rates in
+GFLOP/s and, from build/*/fma_peak, the machine's fp32 FMA peak: no kernel can beat F.linear by
+more than the peak over F.linear's rate. Each time is the median of --repeat runs, in µs;
 ratio = baseline / ours (> 1: ours is faster).
 
 On the CPU the header names the CPU and the instruction set of our kernels. --isa runs the whole
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from professional_nano_llm import ops
 from professional_nano_llm.ops import ref
 
-from machine import TORCH_ISA_LIMITS, describe_cpu, run_per_isa
+from machine import TORCH_ISA_LIMITS, describe_cpu, fma_peak, run_per_isa
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, BLOCK = 576, 9, 3, 64, 1536, 16
 PROJECTIONS = {  # out_features x in_features of SmolLM2's matmuls
@@ -39,7 +41,7 @@ PROJECTIONS = {  # out_features x in_features of SmolLM2's matmuls
     "gate_up": (2 * MLP, HIDDEN),
     "down": (HIDDEN, MLP),
 }
-LINEAR_ROWS = (1, 8, 32, 256)
+LINEAR_ROWS = (1, 8, 16, 32, 64, 256)
 DECODE_SEQS, DECODE_CONTEXT, PREFILL_TOKENS = 32, 512, 256
 SCALE = HEAD_DIM**-0.5
 
@@ -50,23 +52,24 @@ class Case(NamedTuple):
     ours: Callable[[], object]
     baseline_name: str
     baseline: Callable[[], object]
+    rows: int = 0  # linear: M, for the summary
 
 
-def median_us(fn, repeat: int, device: str) -> float:
-    def sync():
+def median_us(ours, baseline, repeat: int, device: str) -> tuple[float, float]:
+    """Median µs of each, timed in alternation, so both see the same spells of machine noise."""
+    def timed(fn) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync()
         start = time.perf_counter()
         fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e6)
-    return statistics.median(times)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e6
+
+    for _ in range(3):
+        ours(), baseline()
+    pairs = [(timed(ours), timed(baseline)) for _ in range(repeat)]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
 def paged_inputs(num_seqs, context, q_tokens, dtype, device):
@@ -179,7 +182,7 @@ def linear_cases(dtype, device):
             x = torch.randn(rows, k, dtype=dtype, device=device)
             y = torch.empty(rows, n, dtype=dtype, device=device)
             out.append(Case("linear", f"M={rows} {name} {n}x{k}", lambda y=y, x=x, p=packed: ops.linear(y, x, p),
-                            "F.linear", lambda x=x, w=weight: F.linear(x, w)))
+                            "F.linear", lambda x=x, w=weight: F.linear(x, w), rows))
     return out
 
 
@@ -220,15 +223,32 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    linear_us: dict[int, list[float]] = {}  # rows -> [ours, F.linear], summed over the projections
     for name in args.dtype:
         dtype = getattr(torch, name)
         for case in cases(dtype, args.device):
-            ours = median_us(case.ours, repeat, args.device)
-            base = median_us(case.baseline, repeat, args.device)
+            ours, base = median_us(case.ours, case.baseline, repeat, args.device)
             print(
                 f"{case.op:<24} {case.shape:<26} {name:<9} {ours:>9.1f} {case.baseline_name:>8} "
                 f"{base:>10.1f} {base / ours:>6.2f}x"
             )
+            if case.rows:
+                totals = linear_us.setdefault(case.rows, [0.0, 0.0])
+                totals[0], totals[1] = totals[0] + ours, totals[1] + base
+    if linear_us:
+        print_linear_summary(linear_us)
+
+
+def print_linear_summary(linear_us: dict[int, list[float]]) -> None:
+    """Each row count's rates over the four projections, against the FMA peak."""
+    peak = fma_peak()
+    print(f"\nlinear over SmolLM2's four projections; fp32 FMA peak {peak / 1e9:.0f} GFLOP/s (build/*/fma_peak)"
+          if peak else "\nlinear over SmolLM2's four projections (fma_peak not built: no peak)")
+    for rows, (ours, base) in sorted(linear_us.items()):
+        flops = sum(2 * rows * n * k for n, k in PROJECTIONS.values())
+        ceiling = f", the peak allows at most {peak / (flops / base * 1e6):.2f}x" if peak else ""
+        print(f"  M={rows:<4} ours {flops / ours / 1e3:6.1f} GFLOP/s, F.linear {flops / base / 1e3:6.1f} "
+              f"({base / ours:.2f}x{ceiling})")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def describe_cpu() -> str:
             f"torch limited by: {torch_limits_in_effect()})")
 
 
+def fma_peak() -> float | None:
+    """The fp32 FMA peak of this machine in FLOP/s, on our kernels' instruction set, from the
+    build's fma_peak (make build makes it); None without it."""
+    binary = Path(__file__).resolve().parents[1] / "build" / sys.implementation.cache_tag / "fma_peak"
+    if not binary.exists():
+        return None
+    env = {**os.environ, "PNL_CPU_ISA": ops.cpu_isa()}
+    out = subprocess.run([str(binary)], capture_output=True, text=True, env=env, check=True).stdout
+    return float(re.search(r": ([\d.]+) GFLOP/s", out).group(1)) * 1e9
+
+
 def torch_limits_in_effect() -> str:
     """The TORCH_ISA_LIMITS variables this process runs under, or "none"."""
     names = {name for limits in TORCH_ISA_LIMITS.values() for name in limits}

@@ -1,14 +1,16 @@
 // The float32 FMA peak of this machine: the bound every CPU matmul here lives under
 // (benchmarks/throughput.py compares the workload's matmul floor against 5x transformers).
 // Each thread runs 12 independent chains of FMAs as wide as the best instruction set of the CPU
-// kernels that the CPU runs (AVX-512, AVX2 or SSE2), enough to hide the FMA latency on two pipes.
+// kernels that the CPU runs (AVX-512, AVX2 or SSE2; PNL_CPU_ISA picks another), enough to hide the
+// FMA latency on two pipes.
 //
-//     build/<tag>/fma_peak [threads]    (default: every hardware thread)
+//     [PNL_CPU_ISA=avx2] build/<tag>/fma_peak [threads]    (default: every hardware thread)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -56,11 +58,16 @@ struct Isa {
   float (*chains)(long);
 };
 
-Isa best_isa() {
+/// The best set this CPU runs, or PNL_CPU_ISA's if the CPU runs that.
+Isa chosen_isa() {
+  const char* wanted = std::getenv("PNL_CPU_ISA");
+  const auto allowed = [&](const char* name) {
+    return wanted == nullptr || *wanted == 0 || std::strcmp(wanted, name) == 0;
+  };
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return {"avx512", 16, chains_avx512};
-  if (__builtin_cpu_supports("x86-64-v3")) return {"avx2", 8, chains_avx2};
+  if (__builtin_cpu_supports("x86-64-v4") && allowed("avx512")) return {"avx512", 16, chains_avx512};
+  if (__builtin_cpu_supports("x86-64-v3") && allowed("avx2")) return {"avx2", 8, chains_avx2};
 #endif
   return {"baseline", 4, chains_baseline};
 }
@@ -73,7 +80,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s [threads >= 1]\n", argv[0]);
     return 2;
   }
-  const Isa isa = best_isa();
+  const Isa isa = chosen_isa();
   std::vector<double> rates;
   for (int run = 0; run < 5; ++run) {
     const auto start = std::chrono::steady_clock::now();
