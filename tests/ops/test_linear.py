@@ -89,7 +89,8 @@ def test_linear_rejects_mixed_dtypes():
 
 # bfloat16 goes to oneDNN where it has a bf16 path on this CPU (AVX-512 BW/VL/DQ), else to pnl.linear.
 ONEDNN_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-LAYOUTS = [(torch.float32, "packed"), (torch.bfloat16, "packed")] + ([(torch.bfloat16, "onednn")] if ONEDNN_BF16 else [])
+LAYOUTS = [(torch.float32, "packed"), (torch.bfloat16, "packed")]
+LAYOUTS += [(torch.bfloat16, "onednn")] if ONEDNN_BF16 else []
 
 
 @pytest.mark.parametrize("dtype, layout", LAYOUTS)

@@ -12,8 +12,8 @@
 // Each tile also prefetches a share of the next panel of W that its thread will compute, spread
 // over its k loop (SpreadPrefetch). Without it, a panel's first row tile streams the panel from
 // DRAM faster than two cores' bandwidth allows while the later tiles read L2 and leave DRAM idle.
-// Steps of 4 to 32 rows run faster with it; one row (one pass over W, which the hardware prefetcher
-// follows) runs slower, so it takes none.
+// Decode steps of several rows run faster with it; one row (one pass over W, which the hardware
+// prefetcher follows) runs slower, so its tiles take none (linear_cpu.cpp).
 #pragma once
 
 #include <algorithm>
@@ -101,7 +101,10 @@ inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 1
     prefetch.step();
     V wv[C];
 #pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) wv[c] = load_lanes<Acc>(w + c / kVecsPerBlock<Acc> * block_stride + kk * kLinearBlock + c % kVecsPerBlock<Acc> * L);
+    for (int c = 0; c < C; ++c) {  // register c: part c % kVecsPerBlock of block c / kVecsPerBlock
+      const T* block_row = w + c / kVecsPerBlock<Acc> * block_stride + kk * kLinearBlock;
+      wv[c] = load_lanes<Acc>(block_row + c % kVecsPerBlock<Acc> * L);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < RM; ++i) {
       const Acc xi = static_cast<Acc>(x[i * x_stride + kk]);
@@ -127,8 +130,8 @@ inline void linear_tile(T* __restrict y, int64_t y_stride,        // [RM, RN * 1
 
 /// One register tile of `rows` (<= R) rows: the tile of exactly that height.
 template <typename T, int R, int RN, typename Prefetch>
-inline void linear_tile_up_to(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias, int64_t k,
-                        int64_t rows, Prefetch prefetch) {
+inline void linear_tile_up_to(T* y, int64_t y_stride, const T* x, int64_t x_stride, const T* w, const T* bias,
+                              int64_t k, int64_t rows, Prefetch prefetch) {
   if constexpr (R >= 1) {
     if (rows == R) {
       linear_tile<T, R, RN>(y, y_stride, x, x_stride, w, bias, k, prefetch);
