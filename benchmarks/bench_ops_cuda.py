@@ -4,8 +4,8 @@
 
 Memory-bound ops report achieved GB/s (bytes each must read and write once) against a
 device-to-device copy; prefill attention reports TFLOP/s (causal: half of 4*T^2*H*D per sequence)
-against a large bf16 torch matmul. The sampler is timed against a full-vocabulary sort, the
-operation it avoids. Times are medians of CUDA-event timings, µs.
+against a large bf16 torch matmul. sample_tokens (temperature only) reports GB/s of one read of its
+logits; the top-k/top-p sampler is timed against a full-vocabulary sort, the operation it avoids. Times are medians of CUDA-event timings, µs.
 """
 
 from __future__ import annotations
@@ -124,9 +124,14 @@ def main() -> None:
                      qkv_bytes + (q.numel() + 2 * k.numel()) * el)
 
     batch = 256
+    full = lambda t: torch.full((batch,), t, device="cuda")  # noqa: E731
+    # One pass over bf16 logits at temperature 0.6 (nano-vLLM's benchmark): bound by reading them.
+    logits_bf16 = (torch.randn(batch, VOCAB, device="cuda") * 3).to(DT)
+    sampled, seeds = torch.empty(batch, dtype=torch.int64, device="cuda"), torch.arange(batch, device="cuda")
+    memory_bound("sample_tokens", f"B={batch} V={VOCAB} T=0.6",
+                 lambda: ops.sample_tokens(sampled, logits_bf16, full(0.6), seeds, seeds * 0), logits_bf16.numel() * el)
     logits = torch.randn(batch, VOCAB, device="cuda") * 3
     u = torch.rand(batch, dtype=torch.float64, device="cuda")
-    full = lambda t: torch.full((batch,), t, device="cuda")  # noqa: E731
     sb = SamplingBatch(full(0.6), full(50).long(), full(0.9), full(0.0), u, None, None, None, None, None, None, -1,
                        max_top_k=50)
     sampler = Sampler()

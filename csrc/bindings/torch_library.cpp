@@ -38,6 +38,11 @@ TORCH_LIBRARY(pnl, m) {
   m.def("linear(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) -> ()");
   // out = silu(input[..., :d]) * input[..., d:]. input [..., 2 * d], out [..., d].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
+  // One token per row of logits [B, V]: argmax(logits / temperature + Gumbel noise), which draws
+  // from softmax(logits / temperature) in one pass; temperature [B] float32, 0 takes the argmax.
+  // The noise is a hash of (seeds [B], steps [B], token id) (int64): a row's draw does not depend
+  // on the rest of the batch. tokens [B] int64.
+  m.def("sample_tokens(Tensor(a!) tokens, Tensor logits, Tensor temperature, Tensor seeds, Tensor steps) -> ()");
   // One pre-norm decoder block over a step's tokens, composed of the ops above. On entry hidden
   // [T, hidden_size] is the previous block's output (the embedding, with residual zero, for the
   // first); residual += hidden, hidden = rms_norm(residual), then attention adds into residual and

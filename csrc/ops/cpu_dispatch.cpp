@@ -130,4 +130,5 @@ TORCH_LIBRARY_IMPL(pnl, CPU, m) {
   m.impl("qk_norm_rope_store", &Forward<&CpuOps::qk_norm_rope_store>::call);
   m.impl("linear", &Forward<&CpuOps::linear>::call);
   m.impl("silu_and_mul", &Forward<&CpuOps::silu_and_mul>::call);
+  m.impl("sample_tokens", &Forward<&CpuOps::sample_tokens>::call);
 }

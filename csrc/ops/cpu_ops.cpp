@@ -13,6 +13,7 @@ constexpr CpuOps kCpuOps{
     .qk_norm_rope_store = &qk_norm_rope_store_cpu,
     .linear = &linear_cpu,
     .silu_and_mul = &silu_and_mul_cpu,
+    .sample_tokens = &sample_tokens_cpu,
 };
 
 }  // namespace pnl::ops::PNL_CPU_ISA

@@ -34,6 +34,8 @@ using QkNormRopeStoreFn = void(const at::Tensor& positions, at::Tensor& query, a
 using LinearFn = void(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias);
 using SiluAndMulFn = void(at::Tensor& out, const at::Tensor& input);
+using SampleTokensFn = void(at::Tensor& tokens, const at::Tensor& logits, const at::Tensor& temperature,
+                            const at::Tensor& seeds, const at::Tensor& steps);
 
 /// One instruction set's CPU adapters.
 struct CpuOps {
@@ -46,6 +48,7 @@ struct CpuOps {
   QkNormRopeStoreFn* qk_norm_rope_store;
   LinearFn* linear;
   SiluAndMulFn* silu_and_mul;
+  SampleTokensFn* sample_tokens;
 };
 
 #ifdef PNL_CPU_ISA
@@ -60,6 +63,7 @@ RotaryEmbeddingFn rotary_embedding_cpu;
 QkNormRopeStoreFn qk_norm_rope_store_cpu;
 LinearFn linear_cpu;
 SiluAndMulFn silu_and_mul_cpu;
+SampleTokensFn sample_tokens_cpu;
 }  // namespace PNL_CPU_ISA
 #endif
 

@@ -65,6 +65,13 @@ def cases(device):
             slots,
         ),
         "silu_and_mul": (torch.empty(5, 48, **f32), x),
+        "sample_tokens": (
+            torch.empty(5, dtype=torch.int64, device=device),
+            x,
+            torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device=device),
+            torch.arange(5, device=device),
+            torch.arange(5, device=device) * 3,
+        ),
         "linear": (
             torch.empty(5, 32, **f32),
             x,

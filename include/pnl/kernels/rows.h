@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define PNL_HOST_DEVICE __host__ __device__
-#else
-#define PNL_HOST_DEVICE
-#endif
+#include "pnl/kernels/host_device.h"
 
 namespace pnl::kernels {
 

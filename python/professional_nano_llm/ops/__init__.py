@@ -109,6 +109,17 @@ def silu_and_mul(out, x) -> None:
     _ops.silu_and_mul(out, x)
 
 
+def sample_tokens(tokens, logits, temperature, seeds, steps) -> None:
+    """tokens[b] = argmax(logits[b] / temperature[b] + Gumbel noise): a draw from
+    softmax(logits[b] / temperature[b]) in one pass; temperature 0 takes the argmax (the first on
+    ties). The noise hashes (seeds[b], steps[b], token id), so a row's draw does not depend on the
+    rest of the batch.
+
+    tokens [B] int64 (out); logits [B, V] float; temperature [B] float32; seeds, steps [B] int64.
+    """
+    _ops.sample_tokens(tokens, logits, temperature, seeds, steps)
+
+
 def decoder_layer(
     hidden, residual, positions, input_norm_weight, qkv_weight, qkv_bias, q_norm_weight, k_norm_weight, o_weight,
     post_norm_weight, gate_up_weight, down_weight, cos_sin_cache, k_cache, v_cache, slot_mapping,
@@ -144,6 +155,7 @@ for _name in (
     "qk_norm_rope_store",
     "silu_and_mul",
     "linear",
+    "sample_tokens",
 ):
     torch.library.register_fake(f"pnl::{_name}")(lambda *args, **kwargs: None)
 

@@ -6,6 +6,7 @@ that is float64, so tests can also run them in float64.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -158,3 +159,47 @@ def decoder_layer(
     mlp_in, residual = fused_add_rms_norm(project(attn.reshape(tokens, -1), o_weight), residual, post_norm_weight, eps)
     act = silu_and_mul(project(mlp_in.to(dtype), gate_up_weight)).to(dtype)
     return project(act, down_weight), normed, residual, k_cache, v_cache
+
+
+_U64 = np.uint64
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    x = (x ^ (x >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return x ^ (x >> _U64(31))
+
+
+def _mix32(x: np.ndarray) -> np.ndarray:  # uint64 arrays holding 32-bit values
+    low = _U64(0xFFFFFFFF)
+    x = ((x ^ (x >> _U64(16))) * _U64(0x85EBCA6B)) & low
+    x = ((x ^ (x >> _U64(13))) * _U64(0xC2B2AE35)) & low
+    return x ^ (x >> _U64(16))
+
+
+def gumbel_noise(seeds, steps, vocab: int) -> torch.Tensor:
+    """[B, vocab] float64 noise -log(-log(u)) of sample_tokens, u from the hash of (seeds [B],
+    steps [B], token id) that include/pnl/kernels/sample_noise.h defines."""
+    with np.errstate(over="ignore"):
+        seeds = seeds.cpu().numpy().astype(_U64)
+        steps = steps.cpu().numpy().astype(_U64)
+        key = _mix64(seeds * _U64(0x9E3779B97F4A7C15) + steps)[:, None]
+        token = np.arange(vocab, dtype=_U64)[None, :]
+        low, high = key & _U64(0xFFFFFFFF), key >> _U64(32)
+        bits = _mix32((_mix32(token ^ low) + high) & _U64(0xFFFFFFFF)) >> _U64(8)
+    u = (bits.astype(np.float64) + 0.5) / float(1 << 24)
+    return torch.from_numpy(-np.log(-np.log(u)))
+
+
+def sample_scores(logits, temperature, seeds, steps):
+    """[B, V] float64 scores sample_tokens maximises: logits / T + gumbel_noise where T > 0, the
+    logits where T == 0; NaN counts as -inf."""
+    x = logits.double().cpu()
+    t = temperature.double().cpu()[:, None]
+    noisy = x / torch.where(t > 0, t, 1.0) + gumbel_noise(seeds, steps, x.shape[1])
+    return torch.where(t > 0, noisy, x).nan_to_num(nan=float("-inf"), posinf=float("inf"))
+
+
+def sample_tokens(logits, temperature, seeds, steps):
+    """[B] int64: each row's token, the first argmax of sample_scores."""
+    return sample_scores(logits, temperature, seeds, steps).argmax(dim=-1)

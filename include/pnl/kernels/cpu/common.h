@@ -74,6 +74,34 @@ inline float exp_approx(float x) {
 /// The float64 path is the test oracle's precision, not a fast path.
 inline double exp_approx(double x) { return std::exp(x); }
 
+/// log(x) for finite x > 0 to about 2 ulp, in plain arithmetic so loops of it vectorize:
+/// log(x) = e ln 2 + log(m) with x = m 2^e, m in [sqrt(1/2), sqrt(2)), and Cephes' logf polynomial.
+inline float log_approx(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>((bits >> 23) - 127);
+  bits = (bits & 0x007FFFFF) | 0x3F800000;  // m in [1, 2)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool halve = m > 1.41421356f;
+  m = halve ? m * 0.5f : m;
+  e = halve ? e + 1.0f : e;
+  const float f = m - 1.0f, f2 = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = p * f * f2 + e * -2.12194440e-4f - 0.5f * f2;
+  return f + y + e * 0.693359375f;  // e ln 2 in two parts, as exp_approx
+}
+
+inline double log_approx(double x) { return std::log(x); }
+
 /// sum(x[i]^2) for i < n, accumulated in Acc.
 template <typename Acc, typename T>
 inline Acc sum_of_squares(const T* __restrict x, int64_t n) {  // x [n]
