@@ -13,12 +13,14 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def make_batch(rows: int, device: str = "cpu", **fields) -> SamplingBatch:
-    """A batch of `rows` (temperature 1, nothing else set unless given) with its tensors on device."""
+    """A batch of `rows` (temperature 1, the successive steps of a request of seed 0, nothing else
+    set unless given) with its tensors on device."""
     base = dict(
         temperature=torch.ones(rows),
         top_k=None, top_p=None, min_p=None, uniform=None,
         repetition_penalty=None, presence_penalty=None, frequency_penalty=None,
         seen_in_prompt=None, output_counts=None, banned=None, num_logprobs=-1,
+        seeds=torch.zeros(rows, dtype=torch.int64), steps=torch.arange(rows),
     )
     base.update(fields)
     for name, value in base.items():
@@ -134,14 +136,13 @@ def test_mixed_greedy_and_sampled_rows():
 
 def test_seeded_row_is_independent_of_batch_composition():
     seed, step = 1234, 7
-    alone = make_batch(1, uniform=torch.from_numpy(uniform_from_counter(np.array([seed], np.uint64),
-                                                                         np.array([step], np.uint64))))
+    alone = make_batch(1, seeds=torch.tensor([seed]), steps=torch.tensor([step]))
     token_alone = Sampler()(LOGITS[None].clone(), alone).tokens[0]
     others = torch.randn(9, V, generator=torch.Generator().manual_seed(1))
     logits = torch.cat([others[:4], LOGITS[None], others[4:]])
-    seeds = np.array([5, 6, 7, 8, seed, 9, 10, 11, 12, 13], np.uint64)
-    steps = np.array([0, 1, 2, 3, step, 4, 5, 6, 7, 8], np.uint64)
-    batch = make_batch(10, uniform=torch.from_numpy(uniform_from_counter(seeds, steps)))
+    seeds = torch.tensor([5, 6, 7, 8, seed, 9, 10, 11, 12, 13])
+    steps = torch.tensor([0, 1, 2, 3, step, 4, 5, 6, 7, 8])
+    batch = make_batch(10, seeds=seeds, steps=steps)
     assert Sampler()(logits, batch).tokens[4] == token_alone
 
 

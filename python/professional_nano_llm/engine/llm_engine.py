@@ -16,7 +16,7 @@ from professional_nano_llm.engine.batch import StepStaging
 from professional_nano_llm.engine.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_budget
 from professional_nano_llm.engine.outputs import RequestOutput
 from professional_nano_llm.engine.request import Request
-from professional_nano_llm.engine.sampler import Sampler, SamplingBatch, uniform_from_counter
+from professional_nano_llm.engine.sampler import LogprobRows, Sampler, sampling_batch
 from professional_nano_llm.loader import resolve_model
 from professional_nano_llm.models import build_model, model_config
 from professional_nano_llm.sampling_params import SamplingParams
@@ -73,7 +73,7 @@ class LLMEngine:
             enable_prefix_caching=config.enable_prefix_caching,
         ))
         self.sampler = Sampler()
-        self.param_staging = StepStaging(config.torch_device, torch.float64) if self.runner.staging is not None else None
+        self.param_staging = StepStaging(config.torch_device, torch.int64) if self.runner.staging is not None else None
         self.requests: dict[int, Request] = {}  # by sequence id
         self.by_request_id: dict[str, Request] = {}
         self.seed_rng = np.random.default_rng(config.seed)
@@ -166,14 +166,16 @@ class LLMEngine:
                 self.scheduler.postprocess([])
                 return []
             requests = [self.requests[s] for s in out.sampled_seq_ids.tolist()]
-            result = self.sampler(logits, self._sampling_batch(requests))
+            batch = sampling_batch(requests, self.vocab_size, self.eos_token_ids, self.runner.device,
+                                   self.param_staging)
+            result = self.sampler(logits, batch)
             tokens = result.tokens.cpu()
         except BaseException:
             self._fail_step(out)
             raise
         finished = self.scheduler.postprocess(tokens.numpy())
         token_list = tokens.tolist()
-        logprobs = _LogprobRows(result, token_list)
+        logprobs = LogprobRows(result, token_list)
         stopped_by_token = {f.id for f in finished if f.reason == "stop"}
 
         updated: list[Request] = []
@@ -201,51 +203,6 @@ class LLMEngine:
                 self.by_request_id.pop(request.request_id, None)
         return outputs
 
-    def _sampling_batch(self, requests: list[Request]) -> SamplingBatch:
-        device = self.runner.device
-        params = [r.params for r in requests]
-        num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
-        batch = SamplingBatch(None, None, None, None, None, None, None, None, None, None, None, num_logprobs)
-        if any(not p.greedy for p in params):
-            seeds = np.array([r.seed & 0xFFFF_FFFF_FFFF_FFFF for r in requests], dtype=np.uint64)  # any int
-            steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
-            # One [rows, B] float64 table moves in one copy: temperature, the draws, then the filters.
-            table = [[0.0 if p.greedy else p.temperature for p in params], uniform_from_counter(seeds, steps)]
-            filtered = any(p.has_filters and not p.greedy for p in params)
-            if filtered:
-                table += [[p.top_k if p.top_k > 0 else self.vocab_size for p in params],
-                          [p.top_p for p in params], [p.min_p for p in params]]
-            table = torch.from_numpy(np.array(table, dtype=np.float64))
-            if self.param_staging is not None:
-                table = self.param_staging.upload(table.view(-1)).view(table.shape)
-            batch.temperature, batch.uniform = table[0].float(), table[1]
-            if filtered:
-                batch.top_k, batch.top_p, batch.min_p = table[2].long(), table[3].float(), table[4].float()
-                batch.max_top_k = max(p.top_k for p in params)
-        if any(p.has_penalties for p in params):
-            self._add_penalties(batch, requests)
-        banned = [(row, t) for row, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens
-                  for t in (*self.eos_token_ids, *r.params.stop_token_ids)]
-        if banned:
-            rows, ids = zip(*banned)
-            batch.banned = (torch.tensor(rows, device=device), torch.tensor(ids, device=device))
-        return batch
-
-    def _add_penalties(self, batch: SamplingBatch, requests: list[Request]) -> None:
-        device, vocab = self.runner.device, self.vocab_size
-        zeros = torch.zeros(vocab, dtype=torch.float32)
-        batch.output_counts = torch.stack([r.output_counts if r.output_counts is not None else zeros
-                                           for r in requests]).to(device)
-        seen = torch.zeros(len(requests), vocab, dtype=torch.bool)
-        for row, r in enumerate(requests):
-            if r.params.repetition_penalty != 1:
-                seen[row, torch.tensor(r.prompt_token_ids)] = True
-        batch.seen_in_prompt = seen.to(device)
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
-        batch.repetition_penalty = as_tensor([r.params.repetition_penalty for r in requests])
-        batch.presence_penalty = as_tensor([r.params.presence_penalty for r in requests])
-        batch.frequency_penalty = as_tensor([r.params.frequency_penalty for r in requests])
-
     def _fail_step(self, out) -> None:
         """The model or the sampler failed: the step's requests end as aborted, the engine stays usable."""
         seq_ids = out.seq_ids.tolist()
@@ -257,20 +214,3 @@ class LLMEngine:
             if request is not None:
                 self.by_request_id.pop(request.request_id, None)
                 request.finish("abort")
-
-
-class _LogprobRows:
-    """The sampler's logprob tensors, moved to the host once per step."""
-
-    def __init__(self, result, tokens: list[int]):
-        self.chosen = result.logprobs.cpu().tolist() if result.logprobs is not None else None
-        self.tokens = tokens
-        self.top_ids = result.top_ids.cpu().tolist() if result.top_ids is not None else None
-        self.top_values = result.top_logprobs.cpu().tolist() if result.top_logprobs is not None else None
-
-    def row(self, i: int, top_n: int | None) -> tuple[dict[int, float] | None, float | None]:
-        if self.chosen is None:
-            return None, None
-        entry = dict(zip(self.top_ids[i][:top_n], self.top_values[i][:top_n])) if top_n and self.top_ids else {}
-        entry[self.tokens[i]] = self.chosen[i]
-        return entry, self.chosen[i]

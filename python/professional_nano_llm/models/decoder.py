@@ -101,11 +101,13 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [T, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] float32
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab], model dtype
+        # Not widened to float32: the sampler reads the logits once in their own dtype and widens
+        # only what its slower paths (penalties, filters, logprobs) need.
         if self.lm_head is not None:
-            return self.lm_head(hidden).float()
+            return self.lm_head(hidden)
         weight = self.model.embed_tokens.weight if self.tied_lm_weight is None else self.tied_lm_weight
-        return linear(hidden, weight).float()
+        return linear(hidden, weight)
 
     @torch.inference_mode()
     def prepack(self) -> None:
