@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <numeric>
@@ -64,11 +65,12 @@ std::vector<TokenId> reference_generation(std::vector<TokenId> history, int32_t 
   return out;
 }
 
-// A copy of one step's output; the scheduler overwrites its own at the next schedule().
+// A copy of one step's output; the scheduler overwrites its own at a later schedule().
 struct Step {
   int32_t num_tokens = 0, num_seqs = 0, num_sampled = 0, num_decode_seqs = 0, width = 0;
   int32_t max_seqlen_q = 0, max_context_len = 0;
   Ids input_ids, positions, slot_mapping, cu_seqlens_q, context_lens, sample_indices, block_tables;
+  Ids placeholder_rows, placeholder_sources;
   SeqIds seq_ids, sampled_seq_ids, preempted_seq_ids;
 
   Ids row(int32_t s) const {
@@ -96,19 +98,25 @@ Step copy_step(const ScheduleOutput& out) {
   st.context_lens = field(out, ScheduleOutput::kContextLens);
   st.sample_indices = field(out, ScheduleOutput::kSampleIndices);
   st.block_tables = field(out, ScheduleOutput::kBlockTables);
+  st.placeholder_rows = field(out, ScheduleOutput::kPlaceholderRows);
+  st.placeholder_sources = field(out, ScheduleOutput::kPlaceholderSources);
   st.seq_ids = out.seq_ids;
   st.sampled_seq_ids = out.sampled_seq_ids;
   st.preempted_seq_ids = out.preempted_seq_ids;
   return st;
 }
 
-// What every step must satisfy, checked against each scheduled sequence's own state (its tokens,
-// num_computed_tokens and block table, not yet advanced while the step is pending).
-void check_step(const ScheduleOutput& out, const Scheduler& s) {
+// What every step must satisfy, checked against each scheduled sequence's own state just after
+// schedule(): num_computed_tokens counts the step's tokens, and a sampled sequence ends with the
+// placeholder of the token the step draws. With another step pending, a step may be empty, and a
+// decode may read the placeholder of a token that step samples.
+void check_step(const ScheduleOutput& out, const Scheduler& s, bool another_pending = false) {
   const SchedulerConfig& c = s.config();
   const int32_t bs = c.block_size;
   const Step st = copy_step(out);
-  ASSERT_GE(st.num_seqs, 1) << "empty step with unfinished sequences";
+  if (!another_pending) {
+    ASSERT_GE(st.num_seqs, 1) << "empty step with unfinished sequences";
+  }
   EXPECT_LE(st.num_tokens, c.max_num_batched_tokens);
   EXPECT_LE(st.num_seqs, c.max_num_seqs);
   ASSERT_EQ(st.input_ids.size(), size_t(st.num_tokens));
@@ -120,10 +128,15 @@ void check_step(const ScheduleOutput& out, const Scheduler& s) {
   ASSERT_EQ(st.block_tables.size(), size_t(st.num_seqs) * st.width);
   ASSERT_EQ(st.seq_ids.size(), size_t(st.num_seqs));
   ASSERT_EQ(st.sampled_seq_ids.size(), size_t(st.num_sampled));
+  ASSERT_EQ(st.placeholder_rows.size(), size_t(out.num_placeholders));
+  ASSERT_EQ(st.placeholder_sources.size(), size_t(out.num_placeholders));
+  if (!another_pending) {
+    EXPECT_EQ(out.num_placeholders, 0);
+  }
   EXPECT_EQ(st.cu_seqlens_q[0], 0);
   EXPECT_EQ(st.cu_seqlens_q[st.num_seqs], st.num_tokens);
 
-  int32_t k = 0, leading_decodes = 0, width = 0, max_q = 0, max_ctx = 0;
+  int32_t k = 0, p = 0, leading_decodes = 0, width = 0, max_q = 0, max_ctx = 0;
   bool leading = true;
   for (int32_t i = 0; i < st.num_seqs; ++i) {
     const Sequence* seq = s.find(st.seq_ids[i]);
@@ -135,19 +148,26 @@ void check_step(const ScheduleOutput& out, const Scheduler& s) {
     width = std::max(width, static_cast<int32_t>(seq->block_table.size()));
     max_q = std::max(max_q, n);
     max_ctx = std::max(max_ctx, st.context_lens[i]);
-    EXPECT_EQ(st.context_lens[i], seq->num_computed_tokens + n);
-    ASSERT_LE(st.context_lens[i], seq->size());
+    EXPECT_EQ(st.context_lens[i], seq->num_computed_tokens);
+    const bool sampled = seq->token_ids.back() == kPlaceholderToken && st.context_lens[i] == seq->size() - 1;
+    ASSERT_LE(st.context_lens[i], seq->size() - sampled);
     for (int32_t j = 0; j < n; ++j) {
-      const int32_t t = st.cu_seqlens_q[i] + j, pos = seq->num_computed_tokens + j;
+      const int32_t t = st.cu_seqlens_q[i] + j, pos = seq->num_computed_tokens - n + j;
       EXPECT_EQ(st.positions[t], pos);
-      EXPECT_EQ(st.input_ids[t], seq->token_ids[pos]);
+      if (seq->token_ids[pos] == kPlaceholderToken) {  // drawn by the pending step
+        ASSERT_LT(p, out.num_placeholders);
+        EXPECT_EQ(st.placeholder_rows[p++], t);
+        EXPECT_EQ(st.input_ids[t], 0);
+      } else {
+        EXPECT_EQ(st.input_ids[t], seq->token_ids[pos]);
+      }
       EXPECT_EQ(st.slot_mapping[t], seq->block_table.at(pos / bs) * bs + pos % bs);
     }
     const Ids row = st.row(i);
     for (int32_t w = 0; w < st.width; ++w) {
       EXPECT_EQ(row[w], w < static_cast<int32_t>(seq->block_table.size()) ? seq->block_table[w] : -1);
     }
-    if (st.context_lens[i] == seq->size()) {  // the chunk reaches the last token: sampled
+    if (sampled) {  // the chunk reaches the last token
       ASSERT_LT(k, st.num_sampled);
       EXPECT_EQ(st.sample_indices[k], st.cu_seqlens_q[i + 1] - 1);
       EXPECT_EQ(st.sampled_seq_ids[k], seq->id);
@@ -155,6 +175,7 @@ void check_step(const ScheduleOutput& out, const Scheduler& s) {
     }
   }
   EXPECT_EQ(k, st.num_sampled);
+  EXPECT_EQ(p, out.num_placeholders);
   EXPECT_EQ(st.num_decode_seqs, leading_decodes);
   EXPECT_EQ(st.width, width);
   EXPECT_EQ(st.max_seqlen_q, max_q);
@@ -182,16 +203,21 @@ class Driver {
     return ok;
   }
 
-  // schedule(), checked; the model runs at once, as the runner would, and its tokens wait for
-  // postprocess(). The reference is valid until the next schedule().
+  // schedule(), checked; the model runs at once, as the runner would, with the inputs that the
+  // previous step samples filled in from its tokens, and its own tokens wait for postprocess().
+  // The reference is valid until the next schedule().
   const Step& schedule() {
+    const bool another_pending = s.step_pending();
     const ScheduleOutput& out = s.schedule();
-    check_step(out, s);
+    check_step(out, s, another_pending);
     steps.push_back(copy_step(out));
-    const Step& st = steps.back();
+    Step& st = steps.back();
+    for (size_t j = 0; j < st.placeholder_rows.size(); ++j) {
+      st.input_ids[st.placeholder_rows[j]] = inflight_.back().tokens.at(st.placeholder_sources[j]);
+    }
     const int32_t bs = s.config().block_size;
     for (int32_t t = 0; t < st.num_tokens; ++t) kv_.at(st.slot_mapping[t]) = st.input_ids[t];
-    pending_.clear();
+    InFlight next{steps.size() - 1, {}};
     for (int32_t k = 0; k < st.num_sampled; ++k) {
       const int32_t i = static_cast<int32_t>(
           std::find(st.seq_ids.begin(), st.seq_ids.end(), st.sampled_seq_ids[k]) - st.seq_ids.begin());
@@ -200,18 +226,23 @@ class Driver {
       for (int32_t pos = 0; pos < st.context_lens[i]; ++pos) {
         context.push_back(kv_.at(row.at(pos / bs) * bs + pos % bs));
       }
-      pending_.push_back(next_token(context.data(), context.size()));
+      next.tokens.push_back(next_token(context.data(), context.size()));
     }
+    inflight_.push_back(std::move(next));
     return st;
   }
 
-  // postprocess() with the model's tokens, or with `tokens` instead.
+  // postprocess() of the oldest pending step, with the model's tokens or with `tokens` instead. A
+  // sequence that ended while the step was pending gets no token.
   std::vector<FinishedSequence> postprocess(const std::optional<std::vector<TokenId>>& tokens = std::nullopt) {
-    const std::vector<TokenId>& sampled = tokens ? *tokens : pending_;
+    const InFlight oldest = inflight_.front();
+    inflight_.pop_front();
+    const std::vector<TokenId>& sampled = tokens ? *tokens : oldest.tokens;
     std::vector<FinishedSequence> fin = s.postprocess(sampled.data(), static_cast<int64_t>(sampled.size()));
-    const Step& st = steps.back();
+    const Step& st = steps[oldest.step];
     for (size_t k = 0; k < st.sampled_seq_ids.size(); ++k) {
-      if (!aborted.count(st.sampled_seq_ids[k])) generated[st.sampled_seq_ids[k]].push_back(sampled[k]);
+      const SeqId id = st.sampled_seq_ids[k];
+      if (!aborted.count(id) && !finished.count(id)) generated[id].push_back(sampled[k]);
     }
     for (const FinishedSequence& f : fin) EXPECT_TRUE(finished.emplace(f.id, f).second) << "finished twice: " << f.id;
     return fin;
@@ -221,6 +252,18 @@ class Driver {
     schedule();
     postprocess();
     return steps.back();
+  }
+
+  // Steps until nothing is left, each scheduled while the one before is pending (overlapped);
+  // then every block must be free.
+  void drain_overlapped(size_t max_steps = 5000) {
+    for (size_t n = 0; s.has_unfinished() || !inflight_.empty(); ++n) {
+      ASSERT_LT(n, max_steps) << "scheduler does not finish";
+      if (s.has_unfinished()) schedule();
+      if (inflight_.size() == 2 || !s.has_unfinished()) postprocess();
+    }
+    EXPECT_EQ(s.allocator().num_used_blocks(), 0);
+    EXPECT_EQ(s.allocator().num_free_blocks(), s.config().num_blocks);
   }
 
   // Steps until nothing is left; then every block must be free.
@@ -250,8 +293,12 @@ class Driver {
   std::set<SeqId> aborted;
 
  private:
+  struct InFlight {
+    size_t step;                  // index in steps
+    std::vector<TokenId> tokens;  // what the model sampled
+  };
   std::vector<TokenId> kv_;  // token id held by each KV slot
-  std::vector<TokenId> pending_;
+  std::deque<InFlight> inflight_;
 };
 
 }  // namespace
@@ -409,7 +456,7 @@ TEST(Scheduler, PrefixCacheHitSkipsCachedTokens) {
     const std::vector<TokenId> prompt = concat(head(prefix, c.shared), c.tail);
     const SeqId id = d.add(prompt, max_tokens(2));
     const Step st = d.schedule();
-    EXPECT_EQ(d.s.find(id)->num_computed_tokens, c.hit);
+    EXPECT_EQ(d.s.find(id)->num_cached_tokens, c.hit);
     EXPECT_EQ(st.positions.front(), c.hit);
     EXPECT_EQ(st.num_tokens, static_cast<int32_t>(prompt.size()) - c.hit);
     if (c.hit > 0) {
@@ -546,20 +593,111 @@ TEST(Scheduler, GenerationIsIndependentOfScheduling) {
       {"tiny_pool_constant_hash", {.num_blocks = 8, .block_size = 8}, true, constant_hash},
   };
   for (const Variant& variant : variants) {
-    SCOPED_TRACE(variant.name);
-    Driver d(variant.config, variant.hasher);
-    SeqIds ids;
-    for (const Request& r : requests) ids.push_back(d.add(r.prompt, max_tokens(r.max_tokens)));
-    d.drain();
-    EXPECT_EQ(d.s.num_preemptions() > 0, variant.preempts);
-    for (size_t i = 0; i < ids.size(); ++i) {
-      EXPECT_EQ(d.generated[ids[i]], reference_generation(requests[i].prompt, requests[i].max_tokens))
-          << "request " << i;
-      ASSERT_EQ(d.finished.count(ids[i]), 1u);
-      EXPECT_EQ(d.finished.at(ids[i]).reason, FinishReason::kLength);
-      EXPECT_EQ(d.finished.at(ids[i]).num_generated_tokens, requests[i].max_tokens);
+    for (bool overlapped : {false, true}) {  // each step scheduled while the one before is pending
+      SCOPED_TRACE(variant.name + (overlapped ? " overlapped" : ""));
+      Driver d(variant.config, variant.hasher);
+      SeqIds ids;
+      for (const Request& r : requests) ids.push_back(d.add(r.prompt, max_tokens(r.max_tokens)));
+      if (overlapped) {
+        d.drain_overlapped();
+      } else {
+        d.drain();
+      }
+      EXPECT_EQ(d.s.num_preemptions() > 0, variant.preempts);
+      for (size_t i = 0; i < ids.size(); ++i) {
+        EXPECT_EQ(d.generated[ids[i]], reference_generation(requests[i].prompt, requests[i].max_tokens))
+            << "request " << i;
+        ASSERT_EQ(d.finished.count(ids[i]), 1u);
+        EXPECT_EQ(d.finished.at(ids[i]).reason, FinishReason::kLength);
+        EXPECT_EQ(d.finished.at(ids[i]).num_generated_tokens, requests[i].max_tokens);
+      }
     }
   }
+}
+
+TEST(Scheduler, OverlappedStepDecodesThePendingStepsTokens) {
+  Driver d({.num_blocks = 16, .block_size = 8});
+  const SeqId a = d.add(iota_tokens(10, 100), max_tokens(4));
+  const SeqId b = d.add(iota_tokens(3, 200), max_tokens(4));
+  const Step st1 = d.schedule();
+  ASSERT_EQ(st1.sampled_seq_ids, (SeqIds{a, b}));
+  // Step 2 is planned while step 1 runs: its inputs are step 1's tokens, still on the device.
+  const Step st2 = d.schedule();
+  EXPECT_EQ(d.s.num_pending_steps(), 2);
+  EXPECT_EQ(st2.seq_ids, (SeqIds{a, b}));
+  EXPECT_EQ(st2.positions, (Ids{10, 3}));
+  EXPECT_EQ(st2.placeholder_rows, (Ids{0, 1}));
+  EXPECT_EQ(st2.placeholder_sources, (Ids{0, 1}));
+  EXPECT_EQ(st2.input_ids, (Ids{d.expected(a, 1)[0], d.expected(b, 1)[0]}));  // as the runner fills them
+  EXPECT_EQ(d.s.find(a)->num_placeholders, 2);
+  EXPECT_EQ(d.s.find(a)->num_generated_tokens(), 0);
+  d.postprocess();
+  EXPECT_EQ(d.s.find(a)->num_placeholders, 1);
+  EXPECT_EQ(d.s.find(a)->token_ids[10], d.expected(a, 1)[0]);
+  EXPECT_EQ(d.s.find(a)->num_generated_tokens(), 1);
+  d.postprocess();
+  d.drain_overlapped();
+  EXPECT_EQ(d.generated[a], d.expected(a, 4));
+  EXPECT_EQ(d.generated[b], d.expected(b, 4));
+}
+
+TEST(Scheduler, OverlappedStepsSkipASequenceWhosePendingTokenIsItsLast) {
+  Driver d({.num_blocks = 16, .block_size = 8, .max_model_len = 9});
+  const SeqId a = d.add(iota_tokens(4, 100), max_tokens(1));
+  const SeqId b = d.add(iota_tokens(8, 200), max_tokens(5));  // max_model_len ends it after 1 token
+  const SeqId c = d.add(iota_tokens(4, 300), max_tokens(2));
+  d.schedule();
+  const Step st2 = d.schedule();
+  EXPECT_EQ(st2.seq_ids, (SeqIds{c}));
+  d.postprocess();
+  EXPECT_EQ(d.finished.at(a).reason, FinishReason::kLength);
+  EXPECT_EQ(d.finished.at(b).reason, FinishReason::kLength);
+  const Step st3 = d.schedule();  // c's second token is its last: nothing left to plan
+  EXPECT_EQ(st3.num_seqs, 0);
+  d.postprocess();
+  d.postprocess();
+  EXPECT_FALSE(d.s.has_unfinished());
+  EXPECT_EQ(d.s.allocator().num_used_blocks(), 0);
+  EXPECT_EQ(d.generated[c], d.expected(c, 2));
+}
+
+TEST(Scheduler, AbortWithTwoStepsPending) {
+  Driver d({.num_blocks = 16, .block_size = 8});
+  const SeqId a = d.add(iota_tokens(4, 100), max_tokens(5));
+  const SeqId b = d.add(iota_tokens(4, 200), max_tokens(5));
+  d.schedule();
+  d.schedule();
+  EXPECT_TRUE(d.abort(a));
+  EXPECT_EQ(d.s.find(a), nullptr);
+  EXPECT_EQ(d.s.allocator().num_used_blocks(), 1);
+  EXPECT_TRUE(d.postprocess().empty());
+  EXPECT_TRUE(d.postprocess().empty());
+  d.drain_overlapped();
+  EXPECT_EQ(d.finished.count(a), 0u);
+  EXPECT_TRUE(d.generated[a].empty());
+  EXPECT_EQ(d.generated[b], d.expected(b, 5));
+}
+
+TEST(Scheduler, FinishFromOutsideReportsAndCachesLikePostprocess) {
+  Driver d({.num_blocks = 16, .block_size = 8});
+  const SeqId a = d.add(iota_tokens(16, 100), max_tokens(10));
+  d.step();
+  d.step();
+  EXPECT_EQ(d.s.finish(12345, FinishReason::kStop), std::nullopt);
+  const std::optional<FinishedSequence> f = d.s.finish(a, FinishReason::kStop);
+  ASSERT_TRUE(f.has_value());
+  EXPECT_EQ(f->id, a);
+  EXPECT_EQ(f->reason, FinishReason::kStop);
+  EXPECT_EQ(f->stop_token, -1);
+  EXPECT_EQ(f->num_generated_tokens, 2);
+  EXPECT_EQ(d.s.find(a), nullptr);
+  EXPECT_EQ(d.s.finish(a, FinishReason::kStop), std::nullopt);
+  EXPECT_FALSE(d.abort(a));
+  EXPECT_EQ(d.s.allocator().num_used_blocks(), 0);
+  // Its two full prompt blocks stay cached for the next request with that prefix.
+  const SeqId b = d.add(iota_tokens(17, 100), max_tokens(1));
+  d.drain();
+  EXPECT_EQ(d.finished.at(b).num_cached_tokens, 16);
 }
 
 TEST(Scheduler, AbortWhileWaiting) {
@@ -676,21 +814,24 @@ TEST(Scheduler, ProtocolErrors) {
   const SeqId a = s.add(iota_tokens(4, 0), max_tokens(3));
   const SeqId b = s.add(iota_tokens(4, 50), max_tokens(3));
   ASSERT_EQ(s.schedule().num_sampled, 2);
-  EXPECT_THROW(s.schedule(), ProtocolError);
   // A wrong token count, or a negative token, leaves the step pending for a correct retry.
   const std::vector<TokenId> one{5}, three{5, 6, 7}, negative{5, -1}, two{5, 6};
   EXPECT_THROW(s.postprocess(one.data(), 1), InvalidArgument);
   EXPECT_THROW(s.postprocess(three.data(), 3), InvalidArgument);
   EXPECT_THROW(s.postprocess(negative.data(), 2), InvalidArgument);
   EXPECT_TRUE(s.step_pending());
-  EXPECT_EQ(s.find(a)->size(), 4);
-  EXPECT_THROW(s.schedule(), ProtocolError);
+  EXPECT_EQ(s.find(a)->token_ids, (std::vector<TokenId>{0, 1, 2, 3, kPlaceholderToken}));
   EXPECT_TRUE(s.postprocess(two.data(), 2).empty());
   EXPECT_FALSE(s.step_pending());
   EXPECT_EQ(s.find(a)->token_ids, (std::vector<TokenId>{0, 1, 2, 3, 5}));
   EXPECT_EQ(s.find(b)->token_ids.back(), 6);
   EXPECT_EQ(s.find(a)->num_computed_tokens, 4);
   EXPECT_THROW(s.postprocess(two.data(), 2), ProtocolError);
+  // At most two steps pending: one running, one planned.
+  s.schedule();
+  s.schedule();
+  EXPECT_EQ(s.num_pending_steps(), 2);
+  EXPECT_THROW(s.schedule(), ProtocolError);
 }
 
 namespace {
@@ -762,6 +903,27 @@ TEST(Scheduler, FinishOnMaxTokens) {
 TEST(Scheduler, FinishOnMaxModelLen) {
   // A 4-token prompt with max_model_len 7 ends after 3 tokens, well before max_tokens.
   expect_finish(finish_with(stop_params(100, 0, false, {}, {}), {5, 5, 5, 5}, 7), FinishReason::kLength, -1, 3);
+}
+
+TEST(Scheduler, OverlappedStepAfterAStopTokenDropsItsRow) {
+  Driver d({.num_blocks = 16, .block_size = 8});
+  const SeqId a = d.add(iota_tokens(4, 100), stop_params(10, 0, false, {}, {2}));
+  const SeqId b = d.add(iota_tokens(4, 200), max_tokens(3));
+  d.schedule();
+  const Step st2 = d.schedule();
+  ASSERT_EQ(st2.seq_ids, (SeqIds{a, b}));
+  const std::vector<FinishedSequence> fin = d.postprocess(std::vector<TokenId>{2, 7});  // a draws EOS
+  ASSERT_EQ(fin.size(), 1u);
+  EXPECT_EQ(fin[0].id, a);
+  EXPECT_EQ(fin[0].reason, FinishReason::kStop);
+  EXPECT_EQ(fin[0].num_generated_tokens, 1);
+  EXPECT_EQ(d.s.find(a), nullptr);
+  EXPECT_EQ(d.s.num_running(), 1);
+  EXPECT_EQ(d.s.allocator().num_used_blocks(), 1);  // a's block is free although step 2 writes to it
+  EXPECT_TRUE(d.postprocess(std::vector<TokenId>{9, 8}).empty());  // a's row: dropped
+  EXPECT_EQ(d.s.find(b)->token_ids, (std::vector<TokenId>{200, 201, 202, 203, 7, 8}));
+  d.drain_overlapped();
+  EXPECT_EQ(d.generated[a], (std::vector<TokenId>{2}));
 }
 
 TEST(SchedulerConfig, ValidateRejectsBadValues) {

@@ -1,9 +1,11 @@
 // Randomized adds, steps and aborts against the Scheduler, with its invariants checked after every
-// operation through the public API only.
+// operation through the public API only; in lockstep, or with each step scheduled while the one
+// before is pending (overlapped).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <random>
 #include <set>
@@ -42,8 +44,8 @@ struct Tracked {
 
 class PropertyRun {
  public:
-  PropertyRun(const Workload& workload, uint32_t seed)
-      : workload_(workload), s_(workload.config, workload.hasher), rng_(seed),
+  PropertyRun(const Workload& workload, uint32_t seed, bool overlapped)
+      : workload_(workload), overlapped_(overlapped), s_(workload.config, workload.hasher), rng_(seed),
         kv_(static_cast<size_t>(workload.config.num_blocks) * workload.config.block_size, -1) {
     for (int i = 0; i < 3; ++i) prefixes_.push_back(random_tokens(workload.prefix_len));
   }
@@ -66,7 +68,7 @@ class PropertyRun {
 
   // Steps until nothing is left, then checks that everything was given back exactly once.
   void drain() {
-    for (int n = 0; s_.has_unfinished() && !::testing::Test::HasFailure(); ++n) {
+    for (int n = 0; (s_.has_unfinished() || !inflight_.empty()) && !::testing::Test::HasFailure(); ++n) {
       ASSERT_LT(n, 50000) << "scheduler does not finish";
       step();
       check_invariants();
@@ -161,8 +163,16 @@ class PropertyRun {
     EXPECT_EQ(s_.find(id), nullptr);
   }
 
+  // Lockstep: schedule, then postprocess. Overlapped: schedule, then postprocess the step before.
   void step() {
-    const bool had_work = s_.has_unfinished();
+    if (s_.has_unfinished()) schedule();
+    if (!overlapped_ || inflight_.size() == 2 || !s_.has_unfinished()) {
+      if (!inflight_.empty()) postprocess();
+    }
+  }
+
+  void schedule() {
+    const bool had_work = s_.has_unfinished() && !s_.step_pending();
     const ScheduleOutput& out = s_.schedule();
     ++num_steps_;
     if (had_work) {
@@ -170,21 +180,28 @@ class PropertyRun {
     }
     check_output(out);
 
-    std::vector<TokenId> sampled;
+    InFlight step{out.sampled_seq_ids, {}};
     for (int32_t k = 0; k < out.num_sampled; ++k) {
       const int r = uniform(0, 99);
-      sampled.push_back(r < 6 ? kEos : r < 10 ? kStop : uniform(3, 999));
+      step.tokens.push_back(r < 6 ? kEos : r < 10 ? kStop : uniform(3, 999));
     }
-    const std::vector<SeqId> sampled_ids = out.sampled_seq_ids;
+    inflight_.push_back(std::move(step));
     if (chance(5)) {  // the request is cancelled while the model runs
       abort(chance(50) && out.num_seqs > 0 ? out.seq_ids[uniform(0, out.num_seqs - 1)] : random_live_id());
     }
+  }
+
+  void postprocess() {
+    const InFlight oldest = inflight_.front();
+    inflight_.pop_front();
+    const std::vector<TokenId>& sampled = oldest.tokens;
+    const std::vector<SeqId>& sampled_ids = oldest.sampled_ids;
 
     // Which sequences the finishing rules end with these tokens, from this test's own counts.
     std::map<SeqId, std::pair<FinishReason, TokenId>> expected;
     for (size_t k = 0; k < sampled_ids.size(); ++k) {
       auto it = live_.find(sampled_ids[k]);
-      if (it == live_.end()) continue;  // aborted during the step: its token is dropped
+      if (it == live_.end()) continue;  // ended while the step was pending: its token is dropped
       Tracked& t = it->second;
       const TokenId token = sampled[k];
       ++t.generated;
@@ -217,9 +234,11 @@ class PropertyRun {
     }
   }
 
-  // The step against the scheduled sequences' own state (not yet advanced while the step is
-  // pending), plus a simulated KV cache: every new token is written at its slot, and each sequence's
-  // whole context must read back as its token ids, prefix hits and recomputed blocks included.
+  // The step against the scheduled sequences' own state (num_computed_tokens counts the step's
+  // tokens), plus a simulated KV cache: every new token is written at its slot, and each
+  // sequence's whole context must read back as its token ids, prefix hits and recomputed blocks
+  // included. A decode of a token the previous, pending step samples reads it from that step's
+  // tokens, as the runner does on the device.
   void check_output(const ScheduleOutput& out) {
     const SchedulerConfig& c = workload_.config;
     const int32_t bs = c.block_size;
@@ -229,6 +248,21 @@ class PropertyRun {
     const int32_t* input_ids = out.field(ScheduleOutput::kInputIds);
     const int32_t* slots = out.field(ScheduleOutput::kSlotMapping);
     const int32_t* cu = out.field(ScheduleOutput::kCuSeqlensQ);
+    const int32_t* placeholder_rows = out.field(ScheduleOutput::kPlaceholderRows);
+    const int32_t* placeholder_sources = out.field(ScheduleOutput::kPlaceholderSources);
+    if (out.num_placeholders > 0) {
+      ASSERT_FALSE(inflight_.empty()) << "a placeholder input with no step pending";
+    }
+    std::map<SeqId, TokenId> pending_token;  // seq -> its token that the pending step samples
+    if (!inflight_.empty()) {
+      const InFlight& previous = inflight_.back();
+      for (size_t k = 0; k < previous.sampled_ids.size(); ++k) pending_token[previous.sampled_ids[k]] = previous.tokens[k];
+    }
+    std::map<int32_t, TokenId> from_device;  // input row -> what the runner writes there
+    for (int32_t j = 0; j < out.num_placeholders; ++j) {
+      ASSERT_LT(placeholder_sources[j], static_cast<int32_t>(inflight_.back().tokens.size()));
+      from_device[placeholder_rows[j]] = inflight_.back().tokens[placeholder_sources[j]];
+    }
     std::set<int32_t> seen_slots;
     for (int32_t i = 0; i < out.num_seqs; ++i) {
       const Sequence* seq = s_.find(out.seq_ids[i]);
@@ -242,8 +276,15 @@ class PropertyRun {
         EXPECT_TRUE(std::count(seq->block_table.begin(), seq->block_table.end(), block)) << "slot outside the table";
         ASSERT_LT(pos / bs, static_cast<int32_t>(seq->block_table.size()));
         EXPECT_EQ(slots[t], seq->block_table[pos / bs] * bs + pos % bs);
-        EXPECT_EQ(input_ids[t], seq->token_ids[pos]);
-        kv_.at(slots[t]) = input_ids[t];
+        if (seq->token_ids[pos] == kPlaceholderToken) {
+          ASSERT_TRUE(from_device.count(t)) << "seq " << seq->id << " reads an unknown token at " << pos;
+          ASSERT_EQ(from_device[t], pending_token.at(seq->id));
+          kv_.at(slots[t]) = from_device[t];
+        } else {
+          EXPECT_FALSE(from_device.count(t)) << "a known token read from the device";
+          EXPECT_EQ(input_ids[t], seq->token_ids[pos]);
+          kv_.at(slots[t]) = input_ids[t];
+        }
       }
     }
     // Read back as the attention kernel does: through the step's block table rows and context lengths.
@@ -256,7 +297,8 @@ class PropertyRun {
       for (int32_t pos = 0; pos < context_lens[i]; ++pos) {
         ASSERT_LT(pos / bs, out.block_table_width);
         const int32_t slot = row[pos / bs] * bs + pos % bs;
-        ASSERT_EQ(kv_.at(slot), seq->token_ids[pos]) << "seq " << seq->id << " reads a wrong KV entry at " << pos;
+        const TokenId want = seq->token_ids[pos] == kPlaceholderToken ? pending_token.at(seq->id) : seq->token_ids[pos];
+        ASSERT_EQ(kv_.at(slot), want) << "seq " << seq->id << " reads a wrong KV entry at " << pos;
       }
     }
   }
@@ -279,8 +321,9 @@ class PropertyRun {
       EXPECT_EQ(seq->num_generated_tokens(), t.generated) << "seq " << id;
       EXPECT_LE(t.generated, t.params.max_tokens) << "seq " << id;
       if (t.generated > 0) {
-        EXPECT_EQ(seq->token_ids.back(), t.last) << "seq " << id;
+        EXPECT_EQ(seq->token_ids[seq->num_known_tokens() - 1], t.last) << "seq " << id;
       }
+      EXPECT_LE(seq->num_placeholders, static_cast<int32_t>(inflight_.size())) << "seq " << id;
       if (seq->status == SequenceStatus::kRunning) {
         ++running;
         const size_t computed_blocks = (seq->num_computed_tokens + bs - 1) / bs;
@@ -308,13 +351,21 @@ class PropertyRun {
     EXPECT_EQ(a.stats().num_used_blocks, used);
   }
 
+  // A step scheduled and not yet postprocessed: its sampled sequences and the tokens drawn for them.
+  struct InFlight {
+    std::vector<SeqId> sampled_ids;
+    std::vector<TokenId> tokens;
+  };
+
   const Workload workload_;
+  const bool overlapped_;
   Scheduler s_;
   std::mt19937 rng_;
   std::vector<TokenId> kv_;  // token id held by each KV slot
   std::vector<std::vector<TokenId>> prefixes_;
   std::map<SeqId, Tracked> live_;
   std::map<SeqId, int> ended_;  // how many times each sequence finished or was aborted
+  std::deque<InFlight> inflight_;
   int num_added_ = 0, num_rejected_ = 0, num_steps_ = 0;
 };
 
@@ -346,16 +397,18 @@ const std::vector<Workload>& workloads() {
 }  // namespace
 
 TEST(SchedulerProperty, RandomOperationsKeepInvariants) {
-  int total_steps = 0;
-  for (const Workload& workload : workloads()) {
-    for (uint32_t seed : {1u, 2u, 3u, 4u, 5u}) {
-      SCOPED_TRACE(workload.name + " seed " + std::to_string(seed));
-      PropertyRun run(workload, seed);
-      run.run(3000);
-      run.drain();
-      total_steps += run.num_steps();
-      if (HasFailure()) return;
+  for (bool overlapped : {false, true}) {
+    int total_steps = 0;
+    for (const Workload& workload : workloads()) {
+      for (uint32_t seed : {1u, 2u, 3u, 4u, 5u}) {
+        SCOPED_TRACE(workload.name + " seed " + std::to_string(seed) + (overlapped ? " overlapped" : ""));
+        PropertyRun run(workload, seed, overlapped);
+        run.run(3000);
+        run.drain();
+        total_steps += run.num_steps();
+        if (HasFailure()) return;
+      }
     }
+    EXPECT_GT(total_steps, 25000);
   }
-  EXPECT_GT(total_steps, 25000);
 }

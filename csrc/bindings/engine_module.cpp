@@ -145,6 +145,8 @@ void bind_engine(py::module_& m) {
       .def_readonly("num_computed_tokens", &Sequence::num_computed_tokens)
       .def_readonly("num_cached_tokens", &Sequence::num_cached_tokens)
       .def_readonly("num_preemptions", &Sequence::num_preemptions)
+      .def_readonly("num_placeholders", &Sequence::num_placeholders,
+                    "trailing token_ids (-1) that pending steps sample")
       .def_readonly("block_table", &Sequence::block_table)
       .def_property_readonly("status", [](const Sequence& s) { return status_name(s.status); });
 
@@ -172,6 +174,8 @@ void bind_engine(py::module_& m) {
       .def_readonly("block_table_width", &ScheduleOutput::block_table_width)
       .def_readonly("max_seqlen_q", &ScheduleOutput::max_seqlen_q)
       .def_readonly("max_context_len", &ScheduleOutput::max_context_len)
+      .def_readonly("num_placeholders", &ScheduleOutput::num_placeholders,
+                    "decode inputs that the previous, still pending step samples")
       .def_property_readonly("arena", [](py::object self) {
         const auto& out = self.cast<const ScheduleOutput&>();
         return view(out.arena.data(), out.arena_size(), self);
@@ -183,7 +187,7 @@ void bind_engine(py::module_& m) {
         }
         return sizes;
       }, "lengths of (input_ids, positions, slot_mapping, cu_seqlens_q, context_lens, sample_indices, "
-         "block_tables) in the arena")
+         "block_tables, placeholder_rows, placeholder_sources) in the arena")
       .def_property_readonly("input_ids", [](py::object s) { return field_view(s, ScheduleOutput::kInputIds); })
       .def_property_readonly("positions", [](py::object s) { return field_view(s, ScheduleOutput::kPositions); })
       .def_property_readonly("slot_mapping",
@@ -194,6 +198,12 @@ void bind_engine(py::module_& m) {
                              [](py::object s) { return field_view(s, ScheduleOutput::kContextLens); })
       .def_property_readonly("sample_indices",
                              [](py::object s) { return field_view(s, ScheduleOutput::kSampleIndices); })
+      .def_property_readonly("placeholder_rows",
+                             [](py::object s) { return field_view(s, ScheduleOutput::kPlaceholderRows); },
+                             "input_ids rows whose token the previous step samples")
+      .def_property_readonly("placeholder_sources",
+                             [](py::object s) { return field_view(s, ScheduleOutput::kPlaceholderSources); },
+                             "each one's row among the previous step's sampled tokens")
       .def_property_readonly("block_tables", [](py::object self) {
         const auto& out = self.cast<const ScheduleOutput&>();
         const int64_t w = out.block_table_width;
@@ -212,7 +222,8 @@ void bind_engine(py::module_& m) {
       .def_readonly("preempted_seq_ids", &ScheduleOutput::preempted_seq_ids);
 
   py::class_<Scheduler>(m, "Scheduler",
-                        "Continuous-batching scheduler: schedule() -> run the model -> postprocess(tokens).")
+                        "Continuous-batching scheduler: schedule() -> run the model -> postprocess(tokens); "
+                        "the next step may be scheduled while one is pending (see scheduler.h).")
       .def(py::init<const SchedulerConfig&>(), py::arg("config"))
       .def("add", [](Scheduler& s, py::handle prompt, const StopParams& params) {
         return s.add(token_ids(prompt, "prompt"), params);
@@ -220,6 +231,17 @@ void bind_engine(py::module_& m) {
          "Queues a prompt (token ids) and returns its sequence id; ValueError if it can never run.")
       .def("abort", &Scheduler::abort, py::arg("seq_id"),
            "Finishes a sequence now and frees its blocks; False for an unknown or finished id.")
+      .def("finish", [](Scheduler& s, SeqId id, const std::string& reason) {
+        FinishReason r = FinishReason::kNone;
+        if (reason == "stop") r = FinishReason::kStop;
+        if (reason == "length") r = FinishReason::kLength;
+        if (r == FinishReason::kNone) {
+          throw py::value_error("finish reason must be 'stop' or 'length', got '" + reason + "'");
+        }
+        return s.finish(id, r);
+      }, py::arg("seq_id"), py::arg("reason"),
+         "Finishes a live sequence for a reason found outside the scheduler (a stop string: 'stop'), "
+         "frees its blocks, and returns its FinishedSequence; None for an unknown or finished id.")
       .def("schedule", &Scheduler::schedule, py::return_value_policy::reference_internal)
       .def("postprocess", [](Scheduler& s, py::handle sampled) {
         std::vector<TokenId> ids = token_ids(sampled, "sampled tokens");
@@ -235,6 +257,8 @@ void bind_engine(py::module_& m) {
       }, py::arg("seq_id"), "A copy of a live sequence, or None.")
       .def_property_readonly("has_unfinished", &Scheduler::has_unfinished)
       .def_property_readonly("step_pending", &Scheduler::step_pending)
+      .def_property_readonly("num_pending_steps", &Scheduler::num_pending_steps,
+                             "scheduled steps awaiting postprocess() (0, 1, or 2 when overlapped)")
       .def_property_readonly("num_waiting", &Scheduler::num_waiting)
       .def_property_readonly("num_running", &Scheduler::num_running)
       .def_property_readonly("num_preemptions", &Scheduler::num_preemptions)

@@ -41,13 +41,15 @@ Scheduler::Scheduler(const SchedulerConfig& config, BlockHasher hasher)
   const int64_t max_seqs = std::min(config_.max_num_seqs, config_.max_num_batched_tokens);
   const int64_t max_tokens = config_.max_num_batched_tokens;
   const int64_t max_width = std::min(blocks_for(config_.max_model_len), config_.num_blocks);
-  const int64_t arena_size = 3 * max_tokens + 3 * max_seqs + 1 + max_seqs * max_width;
+  const int64_t arena_size = 3 * max_tokens + 5 * max_seqs + 1 + max_seqs * max_width;
   require(arena_size <= (int64_t{1} << 30),
           "a step could need " + std::to_string(arena_size) + " int32 entries (max_num_seqs x blocks per sequence "
           "+ token budget); lower max_num_seqs, max_model_len or max_num_batched_tokens");
-  output_.arena.assign(arena_size, 0);
-  output_.seq_ids.reserve(max_seqs);
-  output_.sampled_seq_ids.reserve(max_seqs);
+  for (ScheduleOutput& out : outputs_) {
+    out.arena.assign(arena_size, 0);
+    out.seq_ids.reserve(max_seqs);
+    out.sampled_seq_ids.reserve(max_seqs);
+  }
   scheduled_.reserve(max_seqs);
   running_.reserve(config_.max_num_seqs);
 }
@@ -103,9 +105,18 @@ bool Scheduler::abort(SeqId id) {
   }
   seq->status = SequenceStatus::kFinished;
   seq->finish_reason = FinishReason::kAbort;
-  // A sequence in the pending step stays alive until postprocess() skips its token.
-  if (!(step_pending_ && seq->num_scheduled_tokens > 0)) seqs_.erase(it);
+  // A sequence in a pending step stays alive until postprocess() skips its token.
+  if (seq->num_pending_steps == 0) seqs_.erase(it);
   return true;
+}
+
+std::optional<FinishedSequence> Scheduler::finish(SeqId id, FinishReason reason) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || it->second->status == SequenceStatus::kFinished) return std::nullopt;
+  Sequence* seq = it->second.get();
+  const FinishedSequence f = finish_sequence(seq, reason, -1);
+  remove_finished({seq});
+  return f;
 }
 
 void Scheduler::free_blocks(Sequence* seq) {
@@ -135,7 +146,7 @@ void Scheduler::preempt(Sequence* seq) {
   ++seq->num_preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), seq));
   waiting_.push_front(seq);
-  output_.preempted_seq_ids.push_back(seq->id);
+  outputs_[1 - last_output_].preempted_seq_ids.push_back(seq->id);
   preempted_this_step_ = true;
   ++num_preemptions_;
 }
@@ -177,17 +188,27 @@ bool Scheduler::try_admit(Sequence* seq) {
   return true;
 }
 
+bool Scheduler::last_token_pending(const Sequence* seq) const {
+  // Its newest token is a placeholder that will end it by length: another step would be wasted,
+  // and could need a KV block past the request's own.
+  return seq->num_placeholders > 0 &&
+         (seq->size() - seq->num_prompt_tokens >= seq->params.max_tokens || seq->size() >= config_.max_model_len);
+}
+
 const ScheduleOutput& Scheduler::schedule() {
-  if (step_pending_) throw ProtocolError("schedule() called again before postprocess()");
+  if (pending_.size() >= 2) throw ProtocolError("schedule() called with two steps pending; postprocess() first");
+  ScheduleOutput& out = outputs_[1 - last_output_];
   scheduled_.clear();
-  output_.preempted_seq_ids.clear();
+  out.preempted_seq_ids.clear();
   budget_ = config_.max_num_batched_tokens;
   preempted_this_step_ = false;
 
   // Decodes first: they keep inter-token latency low.
   for (size_t i = 0; i < running_.size() && budget_ > 0; ++i) {
     Sequence* seq = running_[i];
-    if (seq->num_uncomputed_tokens() == 1 && reserve_blocks(seq, 1)) schedule_tokens(seq, 1);
+    if (seq->num_uncomputed_tokens() == 1 && !last_token_pending(seq) && reserve_blocks(seq, 1)) {
+      schedule_tokens(seq, 1);
+    }
   }
   // Then the next chunk of prefills already under way.
   for (size_t i = 0; i < running_.size() && budget_ > 0; ++i) {
@@ -196,22 +217,45 @@ const ScheduleOutput& Scheduler::schedule() {
     const int32_t n = std::min(seq->num_uncomputed_tokens(), budget_);
     if (reserve_blocks(seq, n)) schedule_tokens(seq, n);
   }
-  // Then new (or preempted) sequences, unless this step already had to preempt.
-  while (!preempted_this_step_ && budget_ > 0 && !waiting_.empty() &&
+  // Then new (or preempted) sequences, unless this step already had to preempt. A preempted one
+  // whose sampled token is still pending waits for it: it recomputes every token.
+  while (!preempted_this_step_ && budget_ > 0 && !waiting_.empty() && waiting_.front()->num_placeholders == 0 &&
          static_cast<int32_t>(running_.size()) < config_.max_num_seqs) {
     if (!try_admit(waiting_.front())) break;
     waiting_.pop_front();
   }
-  if (scheduled_.empty() && has_unfinished()) {
+  if (scheduled_.empty() && has_unfinished() && pending_.empty()) {
     throw std::logic_error("internal error: scheduler made no progress with unfinished sequences");
   }
-  build_output();
-  step_pending_ = true;
-  return output_;
+  build_output(out);
+  last_output_ = 1 - last_output_;
+  commit_step(out);
+  return out;
 }
 
-void Scheduler::build_output() {
-  ScheduleOutput& out = output_;
+/// The step becomes pending: its tokens count as computed (their KV is written before any later
+/// step reads it), and each sampled sequence gets a placeholder for the token it will draw.
+void Scheduler::commit_step(const ScheduleOutput& out) {
+  PendingStep step;
+  step.num_sampled = out.num_sampled;
+  step.entries.reserve(scheduled_.size());
+  int32_t k = 0;
+  for (Sequence* seq : scheduled_) {
+    const bool samples = seq->num_computed_tokens + seq->num_scheduled_tokens == seq->size();
+    step.entries.push_back({seq, samples ? k : -1});
+    seq->num_computed_tokens += seq->num_scheduled_tokens;
+    seq->num_scheduled_tokens = 0;
+    ++seq->num_pending_steps;
+    if (samples) {
+      seq->token_ids.push_back(kPlaceholderToken);
+      ++seq->num_placeholders;
+      seq->newest_sample_row = k++;
+    }
+  }
+  pending_.push_back(std::move(step));
+}
+
+void Scheduler::build_output(ScheduleOutput& out) {
   const int32_t bs = config_.block_size;
   const int32_t shift = __builtin_ctz(static_cast<unsigned>(bs));
   int32_t num_tokens = 0, num_sampled = 0, width = 0, num_decode = 0;
@@ -224,9 +268,13 @@ void Scheduler::build_output() {
     num_decode += leading;
   }
   const int32_t num_seqs = static_cast<int32_t>(scheduled_.size());
+  int32_t num_placeholders = 0;  // decode inputs the pending step samples
+  for (Sequence* seq : scheduled_) {
+    num_placeholders += std::max(0, seq->num_computed_tokens + seq->num_scheduled_tokens - seq->num_known_tokens());
+  }
   const int64_t sizes[ScheduleOutput::kNumFields] = {
       num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, num_sampled,
-      static_cast<int64_t>(num_seqs) * width};
+      static_cast<int64_t>(num_seqs) * width, num_placeholders, num_placeholders};
   out.offsets[0] = 0;
   for (int f = 0; f < ScheduleOutput::kNumFields; ++f) out.offsets[f + 1] = out.offsets[f] + sizes[f];
   out.num_tokens = num_tokens;
@@ -236,6 +284,7 @@ void Scheduler::build_output() {
   out.block_table_width = width;
   out.max_seqlen_q = 0;
   out.max_context_len = 0;
+  out.num_placeholders = num_placeholders;
   out.seq_ids.clear();
   out.sampled_seq_ids.clear();
 
@@ -246,7 +295,9 @@ void Scheduler::build_output() {
   int32_t* context_lens = out.field(ScheduleOutput::kContextLens);
   int32_t* sample_indices = out.field(ScheduleOutput::kSampleIndices);
   int32_t* block_tables = out.field(ScheduleOutput::kBlockTables);
-  int32_t t = 0, k = 0;
+  int32_t* placeholder_rows = out.field(ScheduleOutput::kPlaceholderRows);
+  int32_t* placeholder_sources = out.field(ScheduleOutput::kPlaceholderSources);
+  int32_t t = 0, k = 0, p = 0;
   cu_seqlens_q[0] = 0;
   for (int32_t s = 0; s < num_seqs; ++s) {
     const Sequence* seq = scheduled_[s];
@@ -255,6 +306,11 @@ void Scheduler::build_output() {
     const BlockId* table = seq->block_table.data();
     for (int32_t pos = start; pos < end; ++pos, ++t) {
       input_ids[t] = seq->token_ids[pos];
+      if (pos >= seq->num_known_tokens()) {  // only the one pending step has placeholders left
+        input_ids[t] = 0;
+        placeholder_rows[p] = t;
+        placeholder_sources[p++] = seq->newest_sample_row;
+      }
       positions[t] = pos;
       slot_mapping[t] = (table[pos >> shift] << shift) | (pos & (bs - 1));
     }
@@ -275,7 +331,9 @@ void Scheduler::build_output() {
 }
 
 void Scheduler::register_full_blocks(Sequence* seq) {
-  const int32_t full = seq->num_computed_tokens / config_.block_size;
+  // A block is cached once its tokens are known (a hash needs them) and their KV is written or
+  // being written by a pending step: any step that could read it runs after that one.
+  const int32_t full = std::min(seq->num_computed_tokens, seq->num_known_tokens()) / config_.block_size;
   for (int32_t b = seq->num_registered_blocks; b < full; ++b) {
     allocator_.cache_full_block(seq->block_table[b], b > 0 ? seq->block_table[b - 1] : -1,
                                 seq->token_ids.data() + static_cast<size_t>(b) * config_.block_size);
@@ -283,40 +341,53 @@ void Scheduler::register_full_blocks(Sequence* seq) {
   seq->num_registered_blocks = std::max(seq->num_registered_blocks, full);
 }
 
-void Scheduler::finish(Sequence* seq, FinishReason reason, TokenId stop_token) {
+FinishedSequence Scheduler::finish_sequence(Sequence* seq, FinishReason reason, TokenId stop_token) {
   free_blocks(seq);
+  seq->token_ids.resize(seq->num_known_tokens());  // a later pending step's token is dropped
+  seq->num_placeholders = 0;
   seq->status = SequenceStatus::kFinished;
   seq->finish_reason = reason;
   seq->stop_token = stop_token;
-  finished_.push_back({seq->id, reason, stop_token, seq->num_generated_tokens(), seq->num_cached_tokens});
+  return {seq->id, reason, stop_token, seq->num_generated_tokens(), seq->num_cached_tokens};
+}
+
+/// Takes the ended sequences out of the queues, and forgets those that no pending step holds.
+void Scheduler::remove_finished(const std::vector<Sequence*>& ended) {
+  const auto done = [](const Sequence* s) { return s->status == SequenceStatus::kFinished; };
+  std::erase_if(running_, done);
+  std::erase_if(waiting_, done);
+  for (Sequence* seq : ended) {
+    if (seq->num_pending_steps == 0) seqs_.erase(seq->id);
+  }
 }
 
 const std::vector<FinishedSequence>& Scheduler::postprocess(const TokenId* sampled, int64_t num_sampled) {
-  if (!step_pending_) throw ProtocolError("postprocess() called without a pending schedule()");
-  require(num_sampled == output_.num_sampled, "postprocess() expects " + std::to_string(output_.num_sampled) +
-                                                  " sampled tokens, got " + std::to_string(num_sampled));
+  if (pending_.empty()) throw ProtocolError("postprocess() called without a pending schedule()");
+  PendingStep& step = pending_.front();
+  require(num_sampled == step.num_sampled, "postprocess() expects " + std::to_string(step.num_sampled) +
+                                               " sampled tokens, got " + std::to_string(num_sampled));
   for (int64_t i = 0; i < num_sampled; ++i) {
     require(sampled[i] >= 0, "sampled token ids must be >= 0, got " + std::to_string(sampled[i]));
   }
   finished_.clear();
-  int64_t k = 0;
-  bool any_finished = false;
-  for (Sequence* seq : scheduled_) {
-    const int32_t n = seq->num_scheduled_tokens;
-    seq->num_scheduled_tokens = 0;
-    const bool samples = seq->num_computed_tokens + n == seq->size();
-    if (seq->status == SequenceStatus::kFinished) {  // aborted during the step
-      k += samples;
-      const SeqId id = seq->id;  // erase() destroys seq
-      seqs_.erase(id);
+  std::vector<Sequence*> ended;
+  for (const PendingEntry& entry : step.entries) {
+    Sequence* seq = entry.seq;
+    --seq->num_pending_steps;
+    if (seq->status == SequenceStatus::kFinished) {  // aborted or finished since: its token is dropped
+      ended.push_back(seq);
       continue;
     }
-    seq->num_computed_tokens += n;
-    register_full_blocks(seq);
-    if (!samples) continue;
+    if (entry.sample_row >= 0) {
+      const TokenId token = sampled[entry.sample_row];
+      seq->token_ids[seq->num_known_tokens()] = token;  // the oldest placeholder
+      --seq->num_placeholders;
+    }
+    // A sequence preempted since its step was scheduled waits with no blocks to cache.
+    if (seq->status == SequenceStatus::kRunning) register_full_blocks(seq);
+    if (entry.sample_row < 0) continue;
 
-    const TokenId token = sampled[k++];
-    seq->token_ids.push_back(token);
+    const TokenId token = seq->token_ids[seq->num_known_tokens() - 1];
     const StopParams& p = seq->params;
     FinishReason reason = FinishReason::kNone;
     TokenId stop_token = -1;
@@ -329,20 +400,16 @@ const std::vector<FinishedSequence>& Scheduler::postprocess(const TokenId* sampl
       }
     }
     if (reason == FinishReason::kNone &&
-        (seq->num_generated_tokens() >= p.max_tokens || seq->size() >= config_.max_model_len)) {
+        (seq->num_generated_tokens() >= p.max_tokens || seq->num_known_tokens() >= config_.max_model_len)) {
       reason = FinishReason::kLength;
     }
     if (reason != FinishReason::kNone) {
-      finish(seq, reason, stop_token);
-      any_finished = true;
+      finished_.push_back(finish_sequence(seq, reason, stop_token));
+      ended.push_back(seq);
     }
   }
-  scheduled_.clear();
-  step_pending_ = false;
-  if (any_finished) {
-    std::erase_if(running_, [](const Sequence* s) { return s->status == SequenceStatus::kFinished; });
-    for (const FinishedSequence& f : finished_) seqs_.erase(f.id);
-  }
+  pending_.pop_front();
+  if (!ended.empty()) remove_finished(ended);
   return finished_;
 }
 

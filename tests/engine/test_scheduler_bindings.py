@@ -81,7 +81,8 @@ def assert_runs_a_request(sched: Scheduler) -> None:
 
 def assert_arena_layout(out: ScheduleOutput) -> None:
     """arena is the documented fields back to back, and each field is a view into it."""
-    fields = [getattr(out, name) for name in FIELDS] + [out.block_tables]
+    fields = [getattr(out, name) for name in FIELDS] + [out.block_tables, out.placeholder_rows,
+                                                         out.placeholder_sources]
     assert out.field_sizes == tuple(f.size for f in fields)
     np.testing.assert_array_equal(out.arena, np.concatenate([f.ravel() for f in fields]))
     for f in fields:
@@ -253,7 +254,7 @@ def test_schedule_output_exact_contents_with_chunked_prefill():
     assert out.block_tables.tolist() == [table_a, table_b + [-1]]
     assert (out.num_tokens, out.num_seqs, out.num_sampled, out.num_decode_seqs) == (16, 2, 1, 0)
     assert (out.block_table_width, out.max_seqlen_q, out.max_context_len) == (2, 10, 10)
-    assert out.field_sizes == (16, 16, 16, 3, 2, 1, 4)
+    assert out.field_sizes == (16, 16, 16, 3, 2, 1, 4, 0, 0)
     assert out.preempted_seq_ids == []
     assert_arena_layout(out)
     assert sched.postprocess([7]) == []
@@ -306,12 +307,18 @@ def test_schedule_output_array_types_are_numpy_views():
 
 
 def test_arena_is_never_reallocated_between_steps():
+    """Two outputs alternate, so a step's views stay valid while the next one is planned (overlapped
+    steps), and show the contents of the step after next."""
     sched, _, _ = chunked_scenario()
     first = sched.schedule().arena
     sched.postprocess([7])
     second = sched.schedule().arena
-    assert first.ctypes.data == second.ctypes.data
-    assert first[0] == 7  # the old view shows the new step's contents: valid only until schedule()
+    assert first.ctypes.data != second.ctypes.data
+    assert first[0] == PROMPT_A[0]  # still the first step's
+    sched.postprocess([8, 9])
+    third = sched.schedule().arena
+    assert first.ctypes.data == third.ctypes.data
+    assert first[0] == 8  # the third step's contents
 
 
 def test_output_arrays_keep_scheduler_alive():
@@ -336,7 +343,7 @@ def test_idle_schedule_is_empty():
     out = sched.schedule()
     assert (out.num_tokens, out.num_seqs, out.num_sampled, out.block_table_width) == (0, 0, 0, 0)
     assert out.cu_seqlens_q.tolist() == [0]
-    assert out.field_sizes == (0, 0, 0, 1, 0, 0, 0)
+    assert out.field_sizes == (0, 0, 0, 1, 0, 0, 0, 0, 0)
     assert out.block_tables.shape == (0, 0)
     assert sched.postprocess([]) == []
     assert not sched.step_pending
@@ -361,7 +368,8 @@ def pending_step_of_two() -> tuple[Scheduler, int, int]:
 def assert_retry_works(sched: Scheduler, a: int, b: int) -> None:
     """After a rejected postprocess nothing was applied, the step is pending and a correct call works."""
     assert sched.step_pending
-    assert (sched.get_sequence(a).token_ids, sched.get_sequence(a).num_computed_tokens) == (PROMPT_1, 0)
+    # The pending step counts its tokens as computed; the one it samples is a placeholder (-1).
+    assert (sched.get_sequence(a).token_ids, sched.get_sequence(a).num_computed_tokens) == (PROMPT_1 + [-1], 3)
     assert sched.postprocess([7, 8]) == []
     assert not sched.step_pending
     assert (sched.get_sequence(a).token_ids, sched.get_sequence(b).token_ids) == (PROMPT_1 + [7], PROMPT_2 + [8])
@@ -435,14 +443,17 @@ def test_postprocess_without_schedule_raises_protocol_error():
     assert [(f.id, f.num_generated_tokens) for f in step(sched)] == [(seq_id, 2)]
 
 
-def test_schedule_twice_raises_protocol_error():
+def test_a_third_pending_step_raises_protocol_error():
     sched = make_scheduler()
     seq_id = sched.add([1, 2], exactly(1))
     sched.schedule()
-    with pytest.raises(ProtocolError, match=re.escape("schedule() called again before postprocess()")):
+    assert sched.schedule().num_seqs == 0  # planned while the first runs: its only token is pending
+    with pytest.raises(ProtocolError, match=re.escape("schedule() called with two steps pending")):
         sched.schedule()
-    assert sched.step_pending
+    assert sched.num_pending_steps == 2
     assert [f.id for f in sched.postprocess([3])] == [seq_id]
+    assert sched.postprocess([]) == []
+    assert not sched.step_pending
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,8 +835,8 @@ class FakeModel:
         self.block_size = block_size
         self.kv = np.full(num_blocks * block_size, -(10**9), dtype=np.int64)
 
-    def __call__(self, out: ScheduleOutput) -> np.ndarray:
-        self.kv[out.slot_mapping] = out.input_ids
+    def __call__(self, out: ScheduleOutput, input_ids: np.ndarray) -> np.ndarray:
+        self.kv[out.slot_mapping] = input_ids
         row_of = {seq_id: row for row, seq_id in enumerate(out.seq_ids.tolist())}
         tokens = []
         for seq_id in out.sampled_seq_ids.tolist():
@@ -836,14 +847,21 @@ class FakeModel:
         return np.array(tokens, dtype=np.int32)
 
 
-def check_step_invariants(out: ScheduleOutput, tracked: dict[int, list[int]], config: SchedulerConfig) -> None:
-    """Step invariants that hold for every schedule() output, checked against Python's own token record."""
+def check_step_invariants(out: ScheduleOutput, tracked: dict[int, list[int]], config: SchedulerConfig,
+                          input_ids: np.ndarray, another_pending: bool) -> None:
+    """Step invariants that hold for every schedule() output, checked against Python's own token record
+    (every token sampled so far, a pending step's included). input_ids: the step's, with the tokens a
+    pending step samples filled in as the runner does."""
     assert_arena_layout(out)
     bs, seq_ids = config.block_size, out.seq_ids.tolist()
     q_lens = np.diff(out.cu_seqlens_q)
     assert out.cu_seqlens_q[0] == 0 and out.cu_seqlens_q[-1] == out.num_tokens and (q_lens > 0).all()
     assert out.num_seqs == len(seq_ids) == len(set(seq_ids)) <= config.max_num_seqs
-    assert 0 < out.num_tokens <= config.max_num_batched_tokens
+    assert (another_pending or 0 < out.num_tokens) and out.num_tokens <= config.max_num_batched_tokens
+    assert another_pending or out.num_placeholders == 0
+    assert (out.input_ids[out.placeholder_rows] == 0).all()
+    if out.num_seqs == 0:
+        return
     assert not set(out.preempted_seq_ids) & set(seq_ids)
     assert len(np.unique(out.slot_mapping)) == out.num_tokens  # no two tokens share a KV slot
     leading_decodes = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
@@ -854,7 +872,7 @@ def check_step_invariants(out: ScheduleOutput, tracked: dict[int, list[int]], co
         tokens, start, end = tracked[seq_id], out.cu_seqlens_q[row], out.cu_seqlens_q[row + 1]
         first_pos, ctx = out.positions[start], out.context_lens[row]
         assert out.positions[start:end].tolist() == list(range(first_pos, ctx))
-        assert out.input_ids[start:end].tolist() == tokens[first_pos:ctx]
+        assert input_ids[start:end].tolist() == tokens[first_pos:ctx]
         table, num_blocks = out.block_tables[row], blocks_for(ctx, bs)  # exactly the blocks the context needs
         assert (table[num_blocks:] == -1).all()
         assert ((table[:num_blocks] >= 0) & (table[:num_blocks] < config.num_blocks)).all()
@@ -874,31 +892,46 @@ class DriveResult:
     prefix_hits: int
 
 
-def drive(requests: list[Request], config: SchedulerConfig, arrivals_per_step: int = 2) -> DriveResult:
-    """The engine loop: requests arrive a few per step, so later ones can hit earlier prefixes."""
+def drive(requests: list[Request], config: SchedulerConfig, arrivals_per_step: int = 2,
+          overlapped: bool = False) -> DriveResult:
+    """The engine loop: requests arrive a few per step, so later ones can hit earlier prefixes.
+    Overlapped: each step is scheduled while the one before is pending, and reads the tokens that
+    one samples as the runner does, from its output on the device."""
     sched, model = Scheduler(config), FakeModel(config.num_blocks, config.block_size)
     pending, tracked, index_of, finished = list(requests), {}, {}, {}
-    queue, chunked_steps = QueueModel([]), 0
-    while pending or sched.has_unfinished:
+    queue, chunked_steps, inflight = QueueModel([]), 0, []  # inflight: (sampled seq ids, tokens), oldest first
+    generated = {}
+    while pending or sched.has_unfinished or inflight:
         for request in pending[:arrivals_per_step]:
             seq_id = sched.add(request.prompt, request.params)
             tracked[seq_id], index_of[seq_id] = list(request.prompt), len(index_of)
+            generated[index_of[seq_id]] = []
             queue.waiting.append(seq_id)
         del pending[:arrivals_per_step]
-        out = sched.schedule()
-        check_step_invariants(out, tracked, config)
-        queue.check_step(out)
-        chunked_steps += out.num_sampled < out.num_seqs
-        tokens = model(out)
-        for seq_id, token in zip(out.sampled_seq_ids.tolist(), tokens.tolist()):
-            tracked[seq_id].append(token)
-        for f in sched.postprocess(tokens):
-            assert f.id not in finished
-            finished[f.id] = f
-            queue.finish(f.id)
+        if sched.has_unfinished:
+            another_pending = sched.step_pending
+            out = sched.schedule()
+            input_ids = out.input_ids.copy()
+            if out.num_placeholders:
+                input_ids[out.placeholder_rows] = inflight[-1][1][out.placeholder_sources]
+            check_step_invariants(out, tracked, config, input_ids, another_pending)
+            queue.check_step(out)
+            chunked_steps += out.num_sampled < out.num_seqs
+            tokens = model(out, input_ids)
+            for seq_id, token in zip(out.sampled_seq_ids.tolist(), tokens.tolist()):
+                tracked[seq_id].append(token)  # what the device knows; a finished sequence's is dropped below
+            inflight.append((out.sampled_seq_ids.tolist(), tokens))
+        if inflight and (not overlapped or len(inflight) == 2 or not sched.has_unfinished):
+            sampled_ids, tokens = inflight.pop(0)
+            for seq_id, token in zip(sampled_ids, tokens.tolist()):
+                if seq_id not in finished:
+                    generated[index_of[seq_id]].append(token)
+            for f in sched.postprocess(tokens):
+                assert f.id not in finished
+                finished[f.id] = f
+                queue.finish(f.id)
     assert sched.num_free_blocks == config.num_blocks and sched.stats.num_used_blocks == 0
-    assert (sched.num_running, sched.num_waiting) == (0, 0)
-    generated = {index_of[i]: tracked[i][len(requests[index_of[i]].prompt):] for i in tracked}
+    assert (sched.num_running, sched.num_waiting, sched.num_pending_steps) == (0, 0, 0)
     return DriveResult(generated, {index_of[i]: f for i, f in finished.items()}, sched.num_preemptions,
                        chunked_steps, sched.stats.prefix_hits)
 
@@ -919,10 +952,11 @@ def test_reference_generation_covers_both_finish_reasons():
     assert "stop" in reasons and "length" in reasons
 
 
+@pytest.mark.parametrize("overlapped", [False, True], ids=["lockstep", "overlapped"])
 @pytest.mark.parametrize("name", DRIVE_CONFIGS)
-def test_drive_loop_matches_reference_generation(name):
+def test_drive_loop_matches_reference_generation(name, overlapped):
     config = SchedulerConfig(max_num_seqs=256, max_model_len=256, **DRIVE_CONFIGS[name])
-    result = drive(REQUESTS, config)
+    result = drive(REQUESTS, config, overlapped=overlapped)
 
     for i, request in enumerate(REQUESTS):
         tokens, reason = reference_generation(request)

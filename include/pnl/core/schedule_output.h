@@ -17,12 +17,29 @@ namespace pnl::core {
 ///   context_lens   [num_seqs]                tokens in the cache after this step
 ///   sample_indices [num_sampled]             token index whose logits are sampled
 ///   block_tables   [num_seqs, block_table_width]   padded with -1
+///   placeholder_rows    [num_placeholders]   input_ids rows whose token the previous step samples
+///   placeholder_sources [num_placeholders]   that token's row among the previous step's sampled tokens
 /// Sequences are ordered with the one-token (decode) sequences first. A sequence whose chunk ends
-/// before its last token (chunked prefill) is not sampled.
+/// before its last token (chunked prefill) is not sampled. When a step is scheduled while the one
+/// before is still pending (overlapped steps), a decode whose input token that step samples reads
+/// input_ids 0 there: the runner writes input_ids[placeholder_rows] = previous sampled tokens
+/// [placeholder_sources] on the device.
 /// The arena is sized at construction for the largest possible step and never reallocated, so
-/// views into it stay valid; their contents change at the next schedule().
+/// views into it stay valid. The scheduler alternates two outputs, so a step's contents stay
+/// until the schedule() after next.
 struct ScheduleOutput {
-  enum Field { kInputIds, kPositions, kSlotMapping, kCuSeqlensQ, kContextLens, kSampleIndices, kBlockTables, kNumFields };
+  enum Field {
+    kInputIds,
+    kPositions,
+    kSlotMapping,
+    kCuSeqlensQ,
+    kContextLens,
+    kSampleIndices,
+    kBlockTables,
+    kPlaceholderRows,
+    kPlaceholderSources,
+    kNumFields
+  };
 
   int32_t num_tokens = 0;
   int32_t num_seqs = 0;
@@ -31,6 +48,7 @@ struct ScheduleOutput {
   int32_t block_table_width = 0;
   int32_t max_seqlen_q = 0;
   int32_t max_context_len = 0;
+  int32_t num_placeholders = 0;  // decode inputs that the previous, still pending step samples
 
   std::vector<int32_t> arena;
   int64_t offsets[kNumFields + 1] = {};  // field i is arena[offsets[i], offsets[i + 1])

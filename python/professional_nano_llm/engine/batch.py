@@ -37,7 +37,7 @@ class Batch:
             arena = staging.upload(arena)
         elif device is not None and device.type != "cpu":
             arena = arena.to(device)
-        ids, pos, slots, cu, ctx, sample, tables = arena.split(out.field_sizes)
+        ids, pos, slots, cu, ctx, sample, tables, _, _ = arena.split(out.field_sizes)
         return cls(
             ids,
             pos,
