@@ -256,7 +256,9 @@ class PropertyRun {
     std::map<SeqId, TokenId> pending_token;  // seq -> its token that the pending step samples
     if (!inflight_.empty()) {
       const InFlight& previous = inflight_.back();
-      for (size_t k = 0; k < previous.sampled_ids.size(); ++k) pending_token[previous.sampled_ids[k]] = previous.tokens[k];
+      for (size_t k = 0; k < previous.sampled_ids.size(); ++k) {
+        pending_token[previous.sampled_ids[k]] = previous.tokens[k];
+      }
     }
     std::map<int32_t, TokenId> from_device;  // input row -> what the runner writes there
     for (int32_t j = 0; j < out.num_placeholders; ++j) {

@@ -30,6 +30,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=None)
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--no-async-scheduling", action="store_true",
+                   help="plan each step only once the one before has finished (default: overlap on a GPU)")
 
 
 def _sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +61,8 @@ def _engine_kwargs(args) -> dict:
         engine_args["enable_prefix_caching"] = False
     if args.enforce_eager:
         engine_args["enforce_eager"] = True
+    if args.no_async_scheduling:
+        engine_args["async_scheduling"] = False
     return engine_args
 
 

@@ -27,6 +27,8 @@ class EngineConfig:
     num_threads: int | None = None  # CPU threads for torch; default: torch's choice
     seed: int = 0  # seeds requests that do not set their own
     enforce_eager: bool = False  # no CUDA graphs (the CPU always runs eagerly)
+    # Plan each step while the device runs the one before (LLMEngine.step); None: on a GPU only.
+    async_scheduling: bool | None = None
     tensor_parallel_size: int = 1  # accepted for nano-vLLM/vLLM code; only 1 is supported
 
     def __post_init__(self) -> None:

@@ -56,3 +56,34 @@ def test_prefill_steps_are_not_replayed(tiny_models):
     finally:
         engine.scheduler.postprocess([0] * out.num_sampled)
         engine.scheduler.abort(seq_id)
+
+
+def test_an_overlapped_decode_step_reads_the_pending_tokens_in_both_paths(tiny_models):
+    """Scheduled while the prefill is pending, the decode step has placeholders for the tokens the
+    prefill samples: the plain and the padded (graph) paths read them from the device tokens, and
+    compute what the step scheduled after the tokens were known computes."""
+    path = str(tiny_models["qwen3"][0])
+    prompts = [list(range(5, 5 + n)) for n in (3, 17, 30)]
+    pending = torch.tensor([7, 8, 9])
+
+    def engine_with_prefill_run():
+        engine = ProfessionalLLM(path, block_size=8, max_num_seqs=8, enable_prefix_caching=False).engine
+        for p in prompts:
+            engine.scheduler.add(p, StopParams(max_tokens=8, ignore_eos=True))
+        engine.runner.run(engine.scheduler.schedule())
+        return engine
+
+    lockstep = engine_with_prefill_run()
+    lockstep.scheduler.postprocess(pending.tolist())
+    want = lockstep.runner.run(lockstep.scheduler.schedule())
+
+    engine = engine_with_prefill_run()
+    out = engine.scheduler.schedule()  # the prefill is still pending
+    assert out.num_placeholders == 3 and (out.input_ids == 0).all()
+    assert out.placeholder_sources.tolist() == [0, 1, 2]
+    graphs = DecodeGraphs(engine.runner.decode_forward, 8, max_blocks=40, device=torch.device("cpu"), capture=False)
+    assert graphs.covers(out)
+    plain = engine.runner.run(out, pending)
+    padded = engine.runner.model.compute_logits(graphs.run(out, pending))
+    torch.testing.assert_close(plain, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded, want, atol=1e-4, rtol=1e-5)

@@ -25,6 +25,8 @@ class Batch:
     context_lens: torch.Tensor  # [num_seqs] tokens in the cache after this step
     sample_indices: torch.Tensor  # [num_sampled] token rows whose logits are sampled
     block_tables: torch.Tensor  # [num_seqs, max_blocks], padded with -1
+    placeholder_rows: torch.Tensor  # [num_placeholders] input_ids rows the previous step samples
+    placeholder_sources: torch.Tensor  # [num_placeholders] their rows among its sampled tokens
     num_decode_seqs: int
     max_seqlen_q: int
     max_context_len: int
@@ -37,7 +39,7 @@ class Batch:
             arena = staging.upload(arena)
         elif device is not None and device.type != "cpu":
             arena = arena.to(device)
-        ids, pos, slots, cu, ctx, sample, tables, _, _ = arena.split(out.field_sizes)
+        ids, pos, slots, cu, ctx, sample, tables, placeholder_rows, placeholder_sources = arena.split(out.field_sizes)
         return cls(
             ids,
             pos,
@@ -46,10 +48,20 @@ class Batch:
             ctx,
             sample,
             tables.view(out.num_seqs, out.block_table_width),
+            placeholder_rows,
+            placeholder_sources,
             out.num_decode_seqs,
             out.max_seqlen_q,
             out.max_context_len,
         )
+
+
+def fill_placeholders(input_ids: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor,
+                      previous_tokens: torch.Tensor) -> None:
+    """input_ids[rows] = previous_tokens[sources], on the device: the inputs of an overlapped step
+    that the step before it samples (ScheduleOutput's placeholders). input_ids [T] int32; rows,
+    sources [P] int32; previous_tokens [S] int64."""
+    input_ids.index_copy_(0, rows.long(), previous_tokens.index_select(0, sources.long()).to(input_ids.dtype))
 
 
 class StepStaging:

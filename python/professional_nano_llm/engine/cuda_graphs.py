@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from professional_nano_llm.engine.batch import fill_placeholders
+
 _LARGEST_BUCKET = 512
 
 
@@ -89,10 +91,15 @@ class DecodeGraphs:
     def covers(self, out) -> bool:
         return out.num_tokens == out.num_seqs == out.num_decode_seqs > 0 and out.num_seqs <= self.sizes[-1]
 
-    def run(self, out) -> torch.Tensor:
-        """hidden [num_seqs, hidden] of a decode-only step (see covers)."""
+    def run(self, out, previous_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [num_seqs, hidden] of a decode-only step (see covers); previous_tokens: what the
+        step before sampled, for the inputs it leaves to the device (ModelRunner.run)."""
         rows = bucket_for(out.num_seqs, self.sizes)
         self.inputs.load(out, rows)
+        if out.num_placeholders:
+            device = self.inputs.dev.device
+            fill_placeholders(self.inputs.fields[0], torch.from_numpy(out.placeholder_rows).to(device),
+                              torch.from_numpy(out.placeholder_sources).to(device), previous_tokens)
         if rows in self.graphs:
             graph, hidden = self.graphs[rows]
             graph.replay()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
@@ -11,12 +12,12 @@ import numpy as np
 import torch
 
 from professional_nano_llm.config import EngineConfig
-from professional_nano_llm.engine import Scheduler, SchedulerConfig, StopParams
+from professional_nano_llm.engine import ScheduleOutput, Scheduler, SchedulerConfig, StopParams
 from professional_nano_llm.engine.batch import StepStaging
 from professional_nano_llm.engine.model_runner import ModelRunner, kv_bytes_per_block, kv_cache_budget
 from professional_nano_llm.engine.outputs import RequestOutput
 from professional_nano_llm.engine.request import Request
-from professional_nano_llm.engine.sampler import LogprobRows, Sampler, sampling_batch
+from professional_nano_llm.engine.sampler import LogprobRows, Sampler, SamplerOutput, sampling_batch
 from professional_nano_llm.loader import resolve_model
 from professional_nano_llm.models import build_model, model_config
 from professional_nano_llm.sampling_params import SamplingParams
@@ -79,6 +80,11 @@ class LLMEngine:
         self.seed_rng = np.random.default_rng(config.seed)
         self.request_counter = itertools.count()
         self.last_step = StepStats()
+        # Overlapped steps where the host's work is worth hiding: behind a GPU.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else config.torch_device.type == "cuda")
+        self._pending: collections.deque[_Launched] = collections.deque()  # launched, not finished; oldest first
+        self._lockstep_requests = 0  # live requests with penalties
 
     # --- requests ---
 
@@ -121,21 +127,22 @@ class LLMEngine:
                           seed, self.tokenizer, stream)
         if params.has_penalties:
             request.output_counts = torch.zeros(self.vocab_size, dtype=torch.float32)
+            self._lockstep_requests += 1
         self.requests[seq_id] = request
         self.by_request_id[request_id] = request
         return request_id
 
     def abort_request(self, request_id: str) -> bool:
-        request = self.by_request_id.pop(request_id, None)
+        request = self.by_request_id.get(request_id)
         if request is None:
             return False
         self.scheduler.abort(request.seq_id)
-        self.requests.pop(request.seq_id, None)
         request.finish("abort")
+        self._forget(request)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._pending)
 
     def reset_prefix_cache(self) -> bool:
         """Forgets every cached prefix, so later prompts recompute their KV. Refused (False, with a
@@ -149,8 +156,25 @@ class LLMEngine:
     # --- the loop ---
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the outputs of requests that finished or, when streaming, grew."""
+        """Runs one step; returns the outputs of requests that finished or, when streaming, grew.
+
+        With async scheduling, the next step is planned and queued on the device before this one's
+        tokens are read: the host's work on them (detokenizing, stop strings, outputs) runs while
+        the device computes, and the next step reads this one's tokens on the device. Requests
+        with penalties need every earlier token on the host, so while one runs, steps run in
+        lockstep.
+        """
+        if not self._pending:
+            self._launch()
+        if self.async_scheduling and self.scheduler.has_unfinished and self._lockstep_requests == 0:
+            self._launch()
+        return self._finish()
+
+    def _launch(self) -> None:
+        """Schedules a step and queues its model run and sampling (on the CPU: runs them)."""
         out = self.scheduler.schedule()
+        launched = _Launched(out, [], None)
+        self._pending.append(launched)
         try:  # from here on, a failure must still close the step (postprocess), or the engine is stuck
             nd = out.num_decode_seqs
             self.last_step = StepStats(out.num_tokens - nd, nd, len(out.preempted_seq_ids))
@@ -161,30 +185,46 @@ class LLMEngine:
                 metrics = self.requests[seq_id].metrics
                 if metrics.first_scheduled_time is None:
                     metrics.first_scheduled_time = now
-            logits = self.runner.run(out)
+            previous = self._pending[-2].result if out.num_placeholders else None
+            logits = self.runner.run(out, previous.tokens if previous is not None else None)
             if logits is None:
-                self.scheduler.postprocess([])
-                return []
+                return
             requests = [self.requests[s] for s in out.sampled_seq_ids.tolist()]
             batch = sampling_batch(requests, self.vocab_size, self.eos_token_ids, self.runner.device,
                                    self.param_staging)
-            result = self.sampler(logits, batch)
-            tokens = result.tokens.cpu()
+            launched.requests, launched.result = requests, self.sampler(logits, batch)
+            for request in requests:
+                request.num_sampled += 1
         except BaseException:
-            self._fail_step(out)
+            self._fail_pending()
             raise
+
+    def _finish(self) -> list[RequestOutput]:
+        """Reads the oldest pending step's tokens and hands them to the scheduler and the requests."""
+        launched = self._pending[0]
+        result = launched.result
+        try:
+            tokens = result.tokens.cpu() if result is not None else torch.empty(0, dtype=torch.int64)
+            token_list = tokens.tolist()
+            logprobs = LogprobRows(result, token_list) if result is not None else None
+        except BaseException:
+            self._fail_pending()
+            raise
+        self._pending.popleft()
         finished = self.scheduler.postprocess(tokens.numpy())
-        token_list = tokens.tolist()
-        logprobs = LogprobRows(result, token_list)
         stopped_by_token = {f.id for f in finished if f.reason == "stop"}
 
         updated: list[Request] = []
-        for i, request in enumerate(requests):
+        for i, request in enumerate(launched.requests):
+            if request.finished:  # a stop string ended it while this step ran: its token is dropped
+                continue
             stop_token = request.seq_id in stopped_by_token
             if request.append(token_list[i], *logprobs.row(i, request.params.logprobs), stop_token):
-                # A stop string ended it: the scheduler forgets it, so read its cache hits first.
-                request.num_cached_tokens = self.scheduler.get_sequence(request.seq_id).num_cached_tokens
-                self.scheduler.abort(request.seq_id)
+                # A stop string ended it: the scheduler takes it back and reports its cache hits
+                # (unless this token also ended it there: then `finished` reports them).
+                ended = self.scheduler.finish(request.seq_id, "stop")
+                if ended is not None:
+                    request.num_cached_tokens = ended.num_cached_tokens
             if request.output_counts is not None:
                 request.output_counts[token_list[i]] += 1
             if request.detokenizer is not None or request.finished:
@@ -199,18 +239,35 @@ class LLMEngine:
         for request in dict.fromkeys(updated):
             outputs.append(request.output())
             if request.finished:
-                self.requests.pop(request.seq_id, None)
-                self.by_request_id.pop(request.request_id, None)
+                self._forget(request)
         return outputs
 
-    def _fail_step(self, out) -> None:
-        """The model or the sampler failed: the step's requests end as aborted, the engine stays usable."""
-        seq_ids = out.seq_ids.tolist()
-        for seq_id in seq_ids:
-            self.scheduler.abort(seq_id)
-        self.scheduler.postprocess(np.zeros(out.num_sampled, dtype=np.int32))
-        for seq_id in seq_ids:
-            request = self.requests.pop(seq_id, None)  # None: the failure was a request gone missing
-            if request is not None:
-                self.by_request_id.pop(request.request_id, None)
-                request.finish("abort")
+    def _fail_pending(self) -> None:
+        """The model, the sampler or a request's bookkeeping failed: the requests of every pending
+        step end as aborted and each step is closed, so the engine stays usable."""
+        for launched in self._pending:
+            for seq_id in launched.out.seq_ids.tolist():
+                self.scheduler.abort(seq_id)
+                request = self.requests.get(seq_id)  # None: the failure was a request gone missing
+                if request is not None:
+                    request.finish("abort")
+                    self._forget(request)
+        while self._pending:
+            self.scheduler.postprocess(np.zeros(self._pending.popleft().out.num_sampled, dtype=np.int32))
+
+    def _forget(self, request: Request) -> None:
+        self.requests.pop(request.seq_id, None)
+        self.by_request_id.pop(request.request_id, None)
+        if request.params.has_penalties:
+            self._lockstep_requests -= 1
+
+
+@dataclass
+class _Launched:
+    """A scheduled step whose model run and sampling are queued: its output (valid until the
+    schedule() after next), the requests of its sampled rows, and the sampler's tokens on the device
+    (None when it samples nothing)."""
+
+    out: ScheduleOutput
+    requests: list[Request]
+    result: SamplerOutput | None

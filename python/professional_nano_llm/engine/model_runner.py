@@ -8,7 +8,7 @@ import os
 import torch
 
 from professional_nano_llm.config import EngineConfig, ModelConfig
-from professional_nano_llm.engine.batch import Batch, StepStaging
+from professional_nano_llm.engine.batch import Batch, StepStaging, fill_placeholders
 from professional_nano_llm.engine.cuda_graphs import DecodeGraphs
 from professional_nano_llm.layers.attention import AttentionMetadata
 from professional_nano_llm.models.decoder import CausalLM
@@ -73,11 +73,17 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.decode_forward, engine.max_num_seqs, max_blocks, self.device)
 
     @torch.inference_mode()
-    def run(self, out) -> torch.Tensor | None:
-        """ScheduleOutput -> [num_sampled, vocab] float32 logits, or None when nothing is sampled."""
+    def run(self, out, previous_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """ScheduleOutput -> [num_sampled, vocab] logits in the model's dtype, or None when nothing
+        is sampled. previous_tokens [rows] (int64, on the device): the tokens the step before sampled,
+        which an overlapped step reads where out.num_placeholders > 0."""
+        if out.num_seqs == 0:
+            return None
         if self.graphs is not None and self.graphs.covers(out):
-            return self.model.compute_logits(self.graphs.run(out))
+            return self.model.compute_logits(self.graphs.run(out, previous_tokens))
         batch = Batch.from_output(out, self.device, self.staging)
+        if out.num_placeholders:
+            fill_placeholders(batch.input_ids, batch.placeholder_rows, batch.placeholder_sources, previous_tokens)
         hidden = self.model(batch.input_ids, batch.positions, AttentionMetadata.from_batch(batch))
         if out.num_sampled == 0:
             return None

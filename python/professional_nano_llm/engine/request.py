@@ -25,6 +25,7 @@ class Request:
         self.prompt_token_ids, self.params, self.seed = prompt_token_ids, params, seed
         self.tokenizer = tokenizer
         self.output_token_ids: list[int] = []
+        self.num_sampled = 0  # tokens drawn so far, those of steps still running included
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
         self.finish_reason: str | None = None

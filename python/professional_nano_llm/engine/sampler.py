@@ -142,13 +142,14 @@ def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 def sampling_batch(requests: list, vocab_size: int, eos_token_ids: list[int], device: torch.device,
                    staging: StepStaging | None) -> SamplingBatch:
     """The SamplingBatch of a step's sampled requests (engine.request.Request, in row order), its
-    per-row parameters moved to the device in one copy (through staging's pinned buffer on a GPU)."""
+    per-row parameters moved to the device in one copy (through staging's pinned buffer on a GPU).
+    A request's step, for its random draws and min_tokens, counts the tokens of steps still running."""
     params = [r.params for r in requests]
     num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
     batch = SamplingBatch(None, None, None, None, None, None, None, None, None, None, None, num_logprobs)
     if any(not p.greedy for p in params):
         seeds = np.array([r.seed & 0xFFFF_FFFF_FFFF_FFFF for r in requests], dtype=np.uint64)  # any int
-        steps = np.array([len(r.output_token_ids) for r in requests], dtype=np.uint64)
+        steps = np.array([r.num_sampled for r in requests], dtype=np.uint64)
         floats = [[0.0 if p.greedy else p.temperature for p in params]]
         filtered = any(p.has_filters and not p.greedy for p in params)
         if filtered:
@@ -167,7 +168,7 @@ def sampling_batch(requests: list, vocab_size: int, eos_token_ids: list[int], de
             batch.max_top_k = max(p.top_k for p in params)
     if any(p.has_penalties for p in params):
         _add_penalties(batch, requests, vocab_size, device)
-    banned = [(row, t) for row, r in enumerate(requests) if len(r.output_token_ids) < r.params.min_tokens
+    banned = [(row, t) for row, r in enumerate(requests) if r.num_sampled < r.params.min_tokens
               for t in (*eos_token_ids, *r.params.stop_token_ids)]
     if banned:
         rows, ids = zip(*banned)
